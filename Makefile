@@ -1,0 +1,42 @@
+# labkit: the commands the README documents.
+#   make notebooks   run every numbered notebook (quick mode, CPU) into build/
+#   make test        lint + the whole test suite (what CI runs)
+#   make lab         JupyterLab on notebooks/ with the labkit kernel
+# Each creates .venv and installs the pinned dependencies first when they are missing.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.labkit-installed
+NOTEBOOK_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: notebooks test test-fast lab venv data clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m ipykernel install --sys-prefix --name labkit --display-name "Python (labkit)"
+	@touch $(STAMP)
+
+notebooks: $(STAMP)
+	$(VENV)/bin/labkit notebooks run $(NOTEBOOK_ARGS)
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check labkit tests benchmarks
+	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks/
+
+data: $(STAMP)
+	$(VENV)/bin/labkit data shapes
+
+clean:
+	rm -rf build .pytest_cache

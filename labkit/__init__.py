@@ -1,0 +1,35 @@
+"""labkit: a small, readable PyTorch package for learning and researching object detection."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+__version__ = "0.1.0"
+__all__ = ["__version__", "device"]
+
+
+def device(preference: str | torch.device | None = None) -> torch.device:
+    """Choose the torch device once for a whole notebook or script.
+
+    Args:
+        preference: ``"auto"``/``None`` (CUDA when available, else CPU), ``"cpu"``,
+            ``"cuda"`` or ``"cuda:N"``. The environment variable ``LABKIT_DEVICE`` overrides
+            ``"auto"``, so a batch run can move every notebook at once.
+
+    Returns:
+        The ``torch.device`` to put models and tensors on.
+    """
+    if isinstance(preference, torch.device):
+        return preference
+    if preference is None or preference == "auto":
+        preference = os.environ.get("LABKIT_DEVICE", "auto")
+    if not isinstance(preference, str):
+        raise TypeError(f"device: expected a string or torch.device, got {type(preference)!r}")
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    chosen = torch.device(preference)
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {preference!r} was asked for but CUDA is not available here")
+    return chosen
