@@ -1,0 +1,1 @@
+"""Training, evaluation and checkpoints (import the submodules: ``labkit.engine.evaluate``)."""
