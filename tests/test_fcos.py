@@ -1,0 +1,166 @@
+"""FCOS targets, centerness and head: hand-derived cases in mmdetection 3.x semantics."""
+
+import math
+
+import pytest
+import torch
+
+from labkit.heads.fcos import INF, centerness_target, fcos_targets, fcos_targets_single
+
+C = 3  # number of classes; label 3 is background
+
+
+def _single(points, boxes, labels, ranges=((-1, INF),), strides=(8,), **kw):
+    points = torch.tensor(points, dtype=torch.float32)
+    n = points.shape[0]
+    rr = torch.tensor(ranges[0], dtype=torch.float32).expand(n, 2)
+    st = torch.full((n,), float(strides[0]))
+    return fcos_targets_single(
+        points,
+        torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        torch.tensor(labels, dtype=torch.long),
+        rr,
+        st,
+        C,
+        **kw,
+    )
+
+
+def test_points_on_edges_are_background():
+    # The "inside" test is strict (> 0): a point on the left/top/right edge is outside.
+    pts = [(0.0, 8.0), (8.0, 0.0), (16.0, 8.0), (8.0, 8.0), (0.5, 8.0)]
+    labels, targets = _single(pts, [[0, 0, 16, 16]], [2])
+    assert labels.tolist() == [C, C, C, 2, 2]
+    assert targets[3].tolist() == [8.0, 8.0, 8.0, 8.0]
+    assert targets[4].tolist() == [0.5, 8.0, 15.5, 8.0]
+
+
+def test_point_inside_two_boxes_takes_smallest_area():
+    boxes = [[0, 0, 40, 40], [10, 10, 30, 30]]
+    labels, targets = _single([(20.0, 20.0), (5.0, 5.0)], boxes, [0, 1])
+    assert labels.tolist() == [1, 0]
+    assert targets[0].tolist() == [10.0, 10.0, 10.0, 10.0]
+    assert targets[1].tolist() == [5.0, 5.0, 35.0, 35.0]
+    # Order of the GTs does not matter.
+    labels2, _ = _single([(20.0, 20.0)], boxes[::-1], [1, 0])
+    assert labels2.tolist() == [1]
+
+
+def test_smaller_box_out_of_range_leaves_point_to_larger():
+    # Range (-1, 8): both boxes fail the range check (max distances 10 and 20): background.
+    labels, _ = _single(
+        [(20.0, 20.0)], [[0, 0, 40, 40], [10, 10, 30, 30]], [0, 1], ranges=((-1, 8),)
+    )
+    assert labels.tolist() == [C]
+    # With range (12, 64) only the big box (max distance 20) qualifies.
+    labels, targets = _single(
+        [(20.0, 20.0)], [[0, 0, 40, 40], [10, 10, 30, 30]], [0, 1], ranges=((12, 64),)
+    )
+    assert labels.tolist() == [0]
+    assert targets[0].tolist() == [20.0, 20.0, 20.0, 20.0]
+
+
+def test_empty_gt_all_background():
+    labels, targets = _single([(1.0, 1.0), (5.0, 5.0)], [], [])
+    assert labels.tolist() == [C, C]
+    assert targets.shape == (2, 4) and targets.abs().sum() == 0
+
+
+def test_regress_range_bounds_are_inclusive():
+    # Box 128 wide centred on (64, 64): at the centre max(l, t, r, b) = 64, exactly the shared
+    # bound of levels (-1, 64) and (64, 128): positive on both.
+    pts = [torch.tensor([[64.0, 64.0], [64.5, 64.0]]), torch.tensor([[64.0, 64.0], [64.5, 64.0]])]
+    labels, targets = fcos_targets(
+        pts,
+        [torch.tensor([[0.0, 0.0, 128.0, 128.0]])],
+        [torch.tensor([1])],
+        C,
+        strides=(8, 16),
+        regress_ranges=((-1, 64), (64, 128)),
+    )
+    assert labels[0].tolist() == [1, C]  # 64.5 > 64: not on the first level
+    assert labels[1].tolist() == [1, 1]
+
+
+def test_center_sampling_radius_clipped_at_box_border():
+    # Thin box 10 x 100; stride 8, radius 1.5 -> half-size 12, clipped to x in (0, 10).
+    box = [[0, 0, 10, 100]]
+    pts = [(9.9, 50.0), (4.0, 39.0), (4.0, 37.9), (4.0, 62.0), (4.0, 61.9), (0.0, 50.0)]
+    labels, targets = _single(pts, box, [0], center_sampling=True, center_sample_radius=1.5)
+    assert labels.tolist() == [0, 0, C, C, 0, C]
+    # Targets are still distances to the full box, not to the centre region.
+    assert torch.allclose(targets[1], torch.tensor([4.0, 39.0, 6.0, 61.0]))
+    # Without center sampling the far points are positive.
+    labels, _ = _single(pts, box, [0])
+    assert labels.tolist() == [0, 0, 0, 0, 0, C]
+
+
+def test_center_sampling_radius_scales_with_stride():
+    box = [[0, 0, 200, 200]]
+    pt = [(100.0 + 13.0, 100.0)]
+    assert _single(pt, box, [1], strides=(8,), center_sampling=True)[0].tolist() == [C]
+    assert _single(pt, box, [1], strides=(16,), center_sampling=True)[0].tolist() == [1]
+
+
+def test_norm_on_bbox_and_level_layout():
+    # Two images, two levels: outputs are per level, images concatenated image-major.
+    p0 = torch.tensor([[4.0, 4.0], [12.0, 4.0]])
+    p1 = torch.tensor([[8.0, 8.0]])
+    gts = [torch.tensor([[0.0, 0.0, 16.0, 16.0]]), torch.zeros(0, 4)]
+    lbl = [torch.tensor([2]), torch.zeros(0, dtype=torch.long)]
+    labels, targets = fcos_targets(
+        [p0, p1],
+        gts,
+        lbl,
+        C,
+        strides=(8, 16),
+        regress_ranges=((-1, 14), (14, 64)),
+        norm_on_bbox=True,
+    )
+    assert labels[0].tolist() == [2, 2, C, C]
+    assert labels[1].tolist() == [C, C]  # max distance 8 < 14
+    assert targets[0][0].tolist() == [0.5, 0.5, 1.5, 1.5]  # (4, 4, 12, 12) / 8
+
+
+def test_centerness_values():
+    t = torch.tensor([[5.0, 5.0, 5.0, 5.0], [1.0, 2.0, 3.0, 4.0], [1.0, 1.0, 9.0, 1.0]])
+    c = centerness_target(t)
+    assert c[0].item() == pytest.approx(1.0)
+    assert c[1].item() == pytest.approx(math.sqrt(1 / 3 * 2 / 4))
+    assert c[2].item() == pytest.approx(math.sqrt(1 / 9))
+    assert centerness_target(torch.zeros(0, 4)).shape == (0,)
+
+
+def test_bad_input_errors():
+    pts = [torch.tensor([[4.0, 4.0]])]
+    with pytest.raises(ValueError, match="gt_bboxes"):
+        fcos_targets(
+            pts,
+            [torch.tensor([[0.0, 0.0, float("nan"), 1.0]])],
+            [torch.tensor([0])],
+            C,
+            (8,),
+            ((-1, 64),),
+        )
+    with pytest.raises(ValueError, match="gt_labels"):
+        fcos_targets(
+            pts,
+            [torch.tensor([[0.0, 0.0, 4.0, 4.0]])],
+            [torch.tensor([0, 1])],
+            C,
+            (8,),
+            ((-1, 64),),
+        )
+    with pytest.raises(ValueError, match="points"):
+        fcos_targets(
+            pts, [torch.zeros(0, 4)], [torch.zeros(0, dtype=torch.long)], C, (8, 16), ((-1, 64),)
+        )
+    with pytest.raises(TypeError, match="points"):
+        fcos_targets(
+            [[4.0, 4.0]],
+            [torch.zeros(0, 4)],
+            [torch.zeros(0, dtype=torch.long)],
+            C,
+            (8,),
+            ((-1, 64),),
+        )
