@@ -1,0 +1,1 @@
+"""Network building blocks shared by every detector: backbones, necks (FPN, ChannelMapper), Scale, init."""
