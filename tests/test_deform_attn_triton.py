@@ -63,6 +63,8 @@ def test_kernel_matches_reference_cuda(dtype):
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
     grad = torch.randn_like(ref)
     for a, b in zip(
-        torch.autograd.grad(out.float(), inputs, grad), torch.autograd.grad(ref, ref_inputs, grad)
+        torch.autograd.grad(out.float(), inputs, grad),
+        torch.autograd.grad(ref, ref_inputs, grad),
+        strict=True,
     ):
         torch.testing.assert_close(a.float(), b, atol=tol * 10, rtol=tol)

@@ -70,7 +70,7 @@ def compare_case(case: dict, seed: int = 0) -> dict:
     names = ("output", "grad_value", "grad_sampling_locations", "grad_attention_weights")
     return {
         name: float((a - b).abs().max()) if a.numel() else 0.0
-        for name, a, b in zip(names, results[0], results[1])
+        for name, a, b in zip(names, results[0], results[1], strict=True)
     }
 
 
