@@ -5,9 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from labkit._validation import check_boxes, check_labels, check_tensor
+from labkit.heads.anchor_free import AnchorFreeHead, init_head_convs
+from labkit.heads.dense_head import TestConfig, make_test_cfg, reduce_mean
+from labkit.heads.detector import SingleStageDetector, build_single_stage
+from labkit.losses import CrossEntropyLoss, FocalLoss, GIoULoss
+from labkit.nn.scale import Scale
 
 # mmdetection's "infinite" upper bound of the last regress range.
 INF = 1e8
@@ -128,7 +133,7 @@ def fcos_targets(
         check_tensor(p, f"points[{lvl}]")
         if p.dim() != 2 or p.shape[1] < 2:
             raise ValueError(f"points[{lvl}]: expected shape [N, 2], got {tuple(p.shape)}")
-    for i, (b, lab) in enumerate(zip(gt_bboxes, gt_labels)):
+    for i, (b, lab) in enumerate(zip(gt_bboxes, gt_labels, strict=True)):
         check_boxes(b, f"gt_bboxes[{i}]")
         if b.dim() != 2:
             raise ValueError(f"gt_bboxes[{i}]: expected shape [K, 4], got {tuple(b.shape)}")
@@ -137,10 +142,13 @@ def fcos_targets(
     num_points = [p.size(0) for p in points]
     concat_points = torch.cat([p[:, :2] for p in points])
     concat_ranges = torch.cat(
-        [p.new_tensor(r)[None].expand(p.size(0), 2) for p, r in zip(points, regress_ranges)]
+        [
+            p.new_tensor(r)[None].expand(p.size(0), 2)
+            for p, r in zip(points, regress_ranges, strict=True)
+        ]
     )
     concat_strides = torch.cat(
-        [p.new_full((p.size(0),), float(s)) for p, s in zip(points, strides)]
+        [p.new_full((p.size(0),), float(s)) for p, s in zip(points, strides, strict=True)]
     )
     per_image = [
         fcos_targets_single(
@@ -153,7 +161,7 @@ def fcos_targets(
             center_sampling,
             center_sample_radius,
         )
-        for b, lab in zip(gt_bboxes, gt_labels)
+        for b, lab in zip(gt_bboxes, gt_labels, strict=True)
     ]
     labels_lvl, targets_lvl = [], []
     for lvl in range(len(points)):
@@ -180,3 +188,256 @@ def centerness_target(bbox_targets: Tensor) -> Tensor:
         top_bottom.min(-1).values / top_bottom.max(-1).values
     )
     return torch.sqrt(ratio)
+
+
+class FCOSHead(AnchorFreeHead):
+    """FCOS head (mmdetection 3.x ``FCOSHead``) with an optional centerness branch.
+
+    Per level: towers, ``conv_cls`` (C), ``conv_reg`` (4) times a learnable per-level
+    ``Scale``, and ``conv_centerness`` (1) on the regression tower (``centerness_on_reg``) or
+    the classification tower. Distances are ``exp(scale * reg)``, or with ``norm_on_bbox``
+    ``relu(scale * reg)`` in units of the stride (multiplied back by the stride at inference).
+
+    Loss: focal over all points (avg_factor = positives, at least 1); GIoU on decoded boxes
+    of positives, weighted by their centerness targets and averaged by the targets' sum;
+    centerness BCE on positives averaged by the number of positives. Inference multiplies
+    sigmoid(cls) by sigmoid(centerness) after the per-level top-k, before NMS.
+
+    Args:
+        num_classes, in_channels, feat_channels, stacked_convs, strides, norm, conv_bias,
+            test_cfg: see ``AnchorFreeHead``.
+        regress_ranges: per level (low, high) on max(l, t, r, b).
+        center_sampling, center_sample_radius: positives only near the GT centre.
+        norm_on_bbox: regression targets divided by the stride.
+        centerness_on_reg: centerness branch on the regression tower.
+        centerness: ``False`` drops the centerness branch, its loss and its score factor
+            (labkit's switch for the with/without comparison; the GIoU loss stays weighted
+            by the centerness targets).
+        loss_cls, loss_bbox, loss_centerness: loss modules (defaults: focal 2.0/0.25, GIoU,
+            sigmoid BCE).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int,
+        feat_channels: int = 256,
+        stacked_convs: int = 4,
+        strides: Sequence[int] = (8, 16, 32, 64, 128),
+        regress_ranges: Sequence[tuple[float, float]] = FCOS_REGRESS_RANGES,
+        center_sampling: bool = False,
+        center_sample_radius: float = 1.5,
+        norm_on_bbox: bool = False,
+        centerness_on_reg: bool = False,
+        centerness: bool = True,
+        norm: str | None = "gn",
+        conv_bias: bool | None = None,
+        loss_cls: nn.Module | None = None,
+        loss_bbox: nn.Module | None = None,
+        loss_centerness: nn.Module | None = None,
+        test_cfg: TestConfig | None = None,
+    ) -> None:
+        super().__init__(
+            num_classes,
+            in_channels,
+            feat_channels,
+            stacked_convs,
+            strides,
+            norm,
+            conv_bias,
+            0.5,
+            test_cfg,
+        )
+        if len(regress_ranges) != len(strides):
+            raise ValueError(
+                f"regress_ranges: expected one range per stride ({len(strides)}), got {len(regress_ranges)}"
+            )
+        self.regress_ranges = tuple(tuple(r) for r in regress_ranges)
+        self.center_sampling = center_sampling
+        self.center_sample_radius = center_sample_radius
+        self.norm_on_bbox = norm_on_bbox
+        self.centerness_on_reg = centerness_on_reg
+        self.with_centerness = centerness
+        self.loss_cls = loss_cls if loss_cls is not None else FocalLoss(gamma=2.0, alpha=0.25)
+        self.loss_bbox = loss_bbox if loss_bbox is not None else GIoULoss()
+        self.loss_centerness = (
+            loss_centerness if loss_centerness is not None else CrossEntropyLoss(use_sigmoid=True)
+        )
+        self._init_towers()
+        self.conv_centerness = nn.Conv2d(feat_channels, 1, 3, padding=1) if centerness else None
+        self.scales = nn.ModuleList(Scale(1.0) for _ in strides)
+        init_head_convs(self, self.conv_cls)
+
+    def forward(self, feats: Sequence[Tensor]) -> tuple[list[Tensor], ...]:
+        """``feats[l]: Tensor[B, C_in, H_l, W_l]`` -> ``(cls_scores [B, C, H, W], bbox_preds
+        [B, 4, H, W], centernesses [B, 1, H, W])`` per level (no centernesses without the branch)."""
+        if len(feats) != len(self.strides):
+            raise ValueError(f"feats: expected {len(self.strides)} levels, got {len(feats)}")
+        cls_scores, bbox_preds, centernesses = [], [], []
+        for x, scale, stride in zip(feats, self.scales, self.strides, strict=True):
+            cls_score, bbox_pred, cls_feat, reg_feat = self.forward_towers(x)
+            bbox_pred = scale(bbox_pred).float()
+            if self.norm_on_bbox:
+                bbox_pred = bbox_pred.clamp(min=0)
+                if not self.training:
+                    bbox_pred = bbox_pred * stride
+            else:
+                bbox_pred = bbox_pred.exp()
+            cls_scores.append(cls_score)
+            bbox_preds.append(bbox_pred)
+            if self.with_centerness:
+                centernesses.append(
+                    self.conv_centerness(reg_feat if self.centerness_on_reg else cls_feat)
+                )
+        if self.with_centerness:
+            return cls_scores, bbox_preds, centernesses
+        return cls_scores, bbox_preds
+
+    def get_targets(
+        self, points: list[Tensor], batch_gt_bboxes: list[Tensor], batch_gt_labels: list[Tensor]
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """Per level labels ``[B * N_l]`` and (l, t, r, b) targets ``[B * N_l, 4]``, see ``fcos_targets``."""
+        return fcos_targets(
+            points,
+            batch_gt_bboxes,
+            batch_gt_labels,
+            self.num_classes,
+            self.strides,
+            self.regress_ranges,
+            self.center_sampling,
+            self.center_sample_radius,
+            self.norm_on_bbox,
+        )
+
+    def loss_by_feat(
+        self,
+        cls_scores: list[Tensor],
+        bbox_preds: list[Tensor],
+        centernesses: list[Tensor] | None = None,
+        *,
+        batch_gt_bboxes: list[Tensor],
+        batch_gt_labels: list[Tensor],
+        batch_img_metas: list[dict],
+        batch_gt_bboxes_ignore: list[Tensor | None] | None = None,
+    ) -> dict[str, Tensor]:
+        """``{"loss_cls", "loss_bbox"[, "loss_centerness"]}`` (ignore boxes are not used, as in mmdetection)."""
+        points = self.points(cls_scores)
+        labels, bbox_targets = self.get_targets(points, batch_gt_bboxes, batch_gt_labels)
+        num_imgs = cls_scores[0].size(0)
+        flat_cls = torch.cat(
+            [x.permute(0, 2, 3, 1).reshape(-1, self.cls_out_channels) for x in cls_scores]
+        )
+        flat_bbox = torch.cat([x.permute(0, 2, 3, 1).reshape(-1, 4) for x in bbox_preds])
+        flat_labels = torch.cat(labels)
+        flat_targets = torch.cat(bbox_targets)
+        flat_points = torch.cat([p.repeat(num_imgs, 1) for p in points])
+
+        pos_inds = ((flat_labels >= 0) & (flat_labels < self.num_classes)).nonzero().reshape(-1)
+        num_pos = torch.tensor(len(pos_inds), dtype=torch.float, device=flat_cls.device)
+        num_pos = max(reduce_mean(num_pos), 1.0)
+        loss_cls = self.loss_cls(flat_cls, flat_labels, avg_factor=num_pos)
+
+        pos_bbox = flat_bbox[pos_inds]
+        pos_targets = flat_targets[pos_inds]
+        pos_centerness_targets = centerness_target(pos_targets)
+        centerness_denorm = max(reduce_mean(pos_centerness_targets.sum().detach()), 1e-6)
+        losses = {"loss_cls": loss_cls}
+        if self.with_centerness:
+            flat_ctr = torch.cat([x.permute(0, 2, 3, 1).reshape(-1) for x in centernesses])
+            pos_ctr = flat_ctr[pos_inds]
+        if len(pos_inds) > 0:
+            pos_points = flat_points[pos_inds]
+            losses["loss_bbox"] = self.loss_bbox(
+                self.bbox_coder.decode(pos_points, pos_bbox),
+                self.bbox_coder.decode(pos_points, pos_targets),
+                weight=pos_centerness_targets,
+                avg_factor=centerness_denorm,
+            )
+            if self.with_centerness:
+                losses["loss_centerness"] = self.loss_centerness(
+                    pos_ctr, pos_centerness_targets, avg_factor=num_pos
+                )
+        else:
+            # Zero losses that keep the branches in the graph (mmdetection's choice).
+            losses["loss_bbox"] = pos_bbox.sum()
+            if self.with_centerness:
+                losses["loss_centerness"] = pos_ctr.sum()
+        return losses
+
+    def predict_by_feat(
+        self,
+        cls_scores: list[Tensor],
+        bbox_preds: list[Tensor],
+        score_factors: list[Tensor] | None = None,
+        **kwargs: object,
+    ) -> list[dict[str, Tensor]]:
+        """Detections per image; centerness (when present) is the score factor."""
+        return super().predict_by_feat(cls_scores, bbox_preds, score_factors, **kwargs)
+
+
+def fcos(
+    num_classes: int,
+    backbone: str = "tiny",
+    *,
+    center_sampling: bool = True,
+    centerness: bool = True,
+    norm_on_bbox: bool = True,
+    centerness_on_reg: bool = True,
+    fpn_channels: int | None = None,
+    feat_channels: int | None = None,
+    stacked_convs: int | None = None,
+    test_cfg: dict | None = None,
+) -> SingleStageDetector:
+    """FCOS detector: backbone (C3-C5) + FPN P3-P7 (P6 from P5, ReLU before P7) + ``FCOSHead``.
+
+    The defaults are mmdetection's "tricks" configuration
+    (``fcos_r50-caffe_fpn_gn-head-center-normbbox-centeronreg-giou``): center sampling,
+    norm_on_bbox, centerness on the regression tower, GIoU loss, GroupNorm towers with conv
+    bias, test NMS IoU 0.6 (nms_pre 1000, score_thr 0.05, 100 per image, min_bbox_size 0).
+    ``backbone="tiny"`` is the CPU configuration (64 channels, 2 tower convs).
+
+    Args:
+        num_classes: foreground classes.
+        backbone: ``"tiny" | "resnet18" | "resnet34" | "resnet50" | "resnet101"``.
+        center_sampling, centerness, norm_on_bbox, centerness_on_reg: see ``FCOSHead``.
+        fpn_channels, feat_channels, stacked_convs: widths/depth (``None`` = backbone default).
+        test_cfg: dict of ``TestConfig`` fields to change.
+
+    Returns:
+        A ``SingleStageDetector`` with ``model.recipe == ("fcos", {...kwargs})``.
+    """
+    kwargs = {
+        "num_classes": num_classes,
+        "backbone": backbone,
+        "center_sampling": center_sampling,
+        "centerness": centerness,
+        "norm_on_bbox": norm_on_bbox,
+        "centerness_on_reg": centerness_on_reg,
+        "fpn_channels": fpn_channels,
+        "feat_channels": feat_channels,
+        "stacked_convs": stacked_convs,
+        "test_cfg": test_cfg,
+    }
+    cfg = make_test_cfg(test_cfg, iou_threshold=0.6)
+    model = build_single_stage(
+        lambda c_in, c_feat, n: FCOSHead(
+            num_classes,
+            c_in,
+            feat_channels=c_feat,
+            stacked_convs=n,
+            center_sampling=center_sampling,
+            norm_on_bbox=norm_on_bbox,
+            centerness_on_reg=centerness_on_reg,
+            centerness=centerness,
+            conv_bias=True,
+            test_cfg=cfg,
+        ),
+        backbone=backbone,
+        fpn_channels=fpn_channels,
+        feat_channels=feat_channels,
+        stacked_convs=stacked_convs,
+        add_extra_convs="on_output",
+        relu_before_extra_convs=True,
+    )
+    model.recipe = ("fcos", kwargs)
+    return model
