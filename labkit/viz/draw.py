@@ -67,8 +67,8 @@ def to_image_array(
     """Turn an image into something ``imshow`` draws faithfully.
 
     Args:
-        img: uint8 ``HWC``/``HW`` array or PIL image (shown as is), or a float tensor/array
-            ``[3, H, W]`` (CHW, as the data pipeline produces) or ``[H, W, 3]``.
+        img: uint8 ``HWC``/``HW`` array or PIL image (shown as is), a float tensor
+            ``[3, H, W]`` (CHW, as the data pipeline produces) or a float array ``[H, W, 3]``.
         mean, std: per-channel normalization to undo (``img * std + mean``). Values above 1
             mean the statistics are in 0-255 pixel units (mmdetection's convention).
 
@@ -83,7 +83,11 @@ def to_image_array(
     if arr.ndim not in (2, 3):
         raise ValueError(f"img: expected [C, H, W], [H, W, C] or [H, W], got shape {arr.shape}")
     arr = arr.astype(np.float32)
-    if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
+    # Tensors come from the data pipeline, always CHW; arrays are HWC unless clearly CHW.
+    chw = isinstance(img, torch.Tensor) or (
+        arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3, 4)
+    )
+    if arr.ndim == 3 and chw:
         arr = arr.transpose(1, 2, 0)  # CHW -> HWC
     if (mean is None) != (std is None):
         raise ValueError("mean, std: give both or neither")

@@ -1,0 +1,149 @@
+"""Drawing helpers: stable colours, denormalization, artists actually drawn."""
+
+from __future__ import annotations
+
+import json
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
+from matplotlib.colors import to_rgba
+from PIL import Image
+
+from labkit import viz
+
+MEAN = (123.675, 116.28, 103.53)  # mmdetection's ImageNet statistics, 0-255 units
+STD = (58.395, 57.12, 57.375)
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def test_colours_are_stable_distinct_and_cycle():
+    assert viz.class_color(0) == pytest.approx(to_rgba("#1f77b4")[:3])
+    assert viz.class_color(3) == viz.class_color(13) == viz.class_color(np.int64(3))
+    assert len({viz.class_color(i) for i in range(10)}) == 10
+    assert len({viz.level_color(i) for i in range(5)}) == 5
+    assert viz.level_color(0) != viz.level_color(1)
+    for c in (*viz.CLASS_COLORS, *viz.LEVEL_COLORS):
+        assert all(0.0 <= v <= 1.0 for v in c)
+
+
+def test_denormalize_chw_tensor_in_pixel_units():
+    rgb = torch.tensor([[10.0, 200.0], [0.0, 255.0]])  # [H=2, W=2] per channel below
+    img = torch.stack([rgb, rgb / 2, 255 - rgb])  # [3, 2, 2]
+    normed = (img - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+    arr = viz.to_image_array(normed, mean=MEAN, std=STD)
+    assert arr.shape == (2, 2, 3)
+    np.testing.assert_allclose(arr, img.permute(1, 2, 0).numpy() / 255, atol=1e-5)
+
+
+def test_denormalize_unit_statistics_and_clipping():
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    normed = torch.tensor([-2.0, 0.0, 4.0]).view(3, 1, 1)  # -> 0.0, 0.5, 1.5 (clipped to 1)
+    arr = viz.to_image_array(normed, mean=mean, std=std)
+    np.testing.assert_allclose(arr[0, 0], [0.0, 0.5, 1.0])
+
+
+def test_image_inputs_pass_through():
+    u8 = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    assert viz.to_image_array(u8) is u8
+    np.testing.assert_array_equal(viz.to_image_array(Image.fromarray(u8)), u8)
+    np.testing.assert_allclose(viz.to_image_array(np.full((2, 2, 3), 255.0)), 1.0)
+    with pytest.raises(ValueError, match="mean, std"):
+        viz.to_image_array(torch.zeros(3, 2, 2), mean=MEAN)
+    with pytest.raises(ValueError, match="img"):
+        viz.to_image_array(torch.zeros(2, 3, 4, 5))
+
+
+def test_show_image_draws_the_denormalized_array():
+    img = torch.zeros(3, 4, 6)
+    ax = viz.show_image(img, mean=(0.2, 0.4, 0.6), std=(1, 1, 1), title="t")
+    (im,) = ax.get_images()
+    np.testing.assert_allclose(im.get_array()[0, 0], [0.2, 0.4, 0.6], atol=1e-6)
+    assert im.get_array().shape == (4, 6, 3)
+    assert ax.get_title() == "t" and list(ax.get_xticks()) == []
+
+
+def test_draw_boxes_geometry_colours_and_captions():
+    _, ax = plt.subplots()
+    boxes = torch.tensor([[1.0, 2.0, 11.0, 22.0], [5.0, 5.0, 6.0, 9.0]])
+    rects = viz.draw_boxes(ax, boxes, labels=[1, 0], scores=[0.5, 0.25], class_names=["a", "b"])
+    assert len(rects) == 2 and len(ax.patches) == 2
+    assert rects[0].get_xy() == (1.0, 2.0)
+    assert (rects[0].get_width(), rects[0].get_height()) == (10.0, 20.0)
+    assert rects[0].get_edgecolor()[:3] == pytest.approx(viz.class_color(1))
+    assert rects[1].get_edgecolor()[:3] == pytest.approx(viz.class_color(0))
+    assert [t.get_text() for t in ax.texts] == ["b 0.50", "a 0.25"]
+
+
+def test_draw_boxes_fixed_colour_style_and_no_captions():
+    _, ax = plt.subplots()
+    rects = viz.draw_boxes(ax, [[0, 0, 1, 1]], color="white", linestyle="--", linewidth=3)
+    assert rects[0].get_edgecolor() == to_rgba("white")
+    assert rects[0].get_linestyle() == "--" and rects[0].get_linewidth() == 3
+    assert len(ax.texts) == 0
+    assert viz.draw_boxes(ax, torch.zeros(0, 4)) == []
+
+
+def test_draw_boxes_rejects_mismatched_inputs():
+    _, ax = plt.subplots()
+    with pytest.raises(ValueError, match="labels"):
+        viz.draw_boxes(ax, [[0, 0, 1, 1]], labels=[0, 1])
+    with pytest.raises(ValueError, match="boxes"):
+        viz.draw_boxes(ax, [[0, 0, 1]])
+    with pytest.raises(TypeError, match="boxes"):
+        viz.draw_boxes(ax, "boxes")
+
+
+def test_draw_points():
+    _, ax = plt.subplots()
+    pts = viz.draw_points(ax, torch.tensor([[1.0, 2.0], [3.0, 4.0]]), color=viz.level_color(2))
+    np.testing.assert_array_equal(pts.get_offsets(), [[1.0, 2.0], [3.0, 4.0]])
+    assert tuple(pts.get_facecolor()[0][:3]) == pytest.approx(viz.level_color(2))
+
+
+def test_grid_has_fixed_size_and_hides_spare_axes():
+    fig, axes = viz.grid(5, size=2.0)
+    assert len(axes) == 5
+    assert tuple(fig.get_size_inches()) == (8.0, 4.0)  # 4 columns x 2 rows of 2 inches
+    assert sum(ax.get_visible() for ax in fig.axes) == 5
+    with pytest.raises(ValueError, match="n"):
+        viz.grid(0)
+
+
+def test_plot_loss_curves_from_jsonl(tmp_path):
+    log = tmp_path / "log.jsonl"
+    records = [
+        {"iter": 10, "loss": 3.0, "loss_cls": 2.0, "lr": 0.1},
+        {"iter": 20, "loss": 2.0, "loss_cls": 1.5},
+        {"epoch": 1, "AP": 0.1},  # evaluation line: no loss
+        {"iter": 30, "loss": 1.0, "loss_cls": 0.5},
+    ]
+    log.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    ax = viz.plot_loss_curves(log)
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert set(lines) == {"loss", "loss_cls"}
+    np.testing.assert_array_equal(lines["loss"].get_xdata(), [10, 20, 30])
+    np.testing.assert_array_equal(lines["loss_cls"].get_ydata(), [2.0, 1.5, 0.5])
+    assert ax.get_xlabel() == "iter"
+    ax2 = viz.plot_loss_curves([{"epoch": 0, "loss_box": 1.0}, {"epoch": 1, "loss_box": 0.5}])
+    assert ax2.get_xlabel() == "epoch"
+
+
+def test_show_detections_applies_score_threshold():
+    img = np.zeros((50, 50, 3), dtype=np.uint8)
+    result = {
+        "boxes": torch.tensor([[1.0, 1.0, 10.0, 10.0], [20.0, 20.0, 40.0, 40.0]]),
+        "scores": torch.tensor([0.9, 0.1]),
+        "labels": torch.tensor([2, 0]),
+    }
+    ax = viz.show_detections(img, result, class_names=["x", "y", "z"], score_thr=0.3)
+    assert len(ax.patches) == 1
+    assert [t.get_text() for t in ax.texts] == ["z 0.90"]
+    ax = viz.show_detections(img, result, score_thr=0.0, gt_bboxes=[[0, 0, 5, 5]])
+    assert len(ax.patches) == 3
