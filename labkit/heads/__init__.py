@@ -1,0 +1,1 @@
+"""Dense detection heads (RetinaNet, ATSS, PAA, FCOS, ...) and the one-stage detector; import submodules directly."""

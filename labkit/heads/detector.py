@@ -1,0 +1,194 @@
+"""One-stage detector = backbone + neck + dense head, and the builder every recipe shares.
+
+``SingleStageDetector`` implements labkit's detector interface (the DETR models implement
+the same one), so ``labkit.engine.train.train`` and ``labkit.engine.evaluate`` work with any
+head:
+
+* ``extract_feat(img) -> list[Tensor[B, C, H_l, W_l]]`` (FPN levels, finest first),
+* ``forward(img)`` -> the head's raw per-level outputs (e.g. ``(cls_scores, bbox_preds)``),
+* ``loss(batch) -> {"loss_cls": ..., "loss_bbox": ..., ...}`` (the total is their sum),
+* ``predict(batch, rescale=True) -> [{"boxes", "scores", "labels"}, ...]`` per image.
+
+``batch`` is ``labkit.data.collate``'s output; its tensors are moved to the model's device.
+
+Recipes (``labkit.heads.retina.retinanet``, ``atss.atss``, ``paa.paa``, ``fcos.fcos`` ...) call
+``build_single_stage(head_factory, backbone=..., ...)`` and record themselves as
+``model.recipe = (name, kwargs)``, so a checkpoint can rebuild the model with
+``RECIPES[name](**kwargs)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from labkit.heads.dense_head import check_gt_instances
+
+# Defaults of the small CPU configuration (backbone="tiny"); ResNets use mmdetection's 256 / 4.
+TINY_CHANNELS = 64
+TINY_STACKED_CONVS = 2
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    moved = dict(batch)
+    for key, value in batch.items():
+        if isinstance(value, Tensor):
+            moved[key] = value.to(device)
+        elif key.startswith("gt_") and isinstance(value, (list, tuple)):
+            moved[key] = [v.to(device) if isinstance(v, Tensor) else v for v in value]
+    return moved
+
+
+def _check_batch(batch: object, with_gt: bool) -> None:
+    if not isinstance(batch, dict):
+        raise TypeError(
+            f"batch: expected the dict made by labkit.data.collate, got {type(batch).__name__}"
+        )
+    for key in ("img", "img_metas") + (("gt_bboxes", "gt_labels") if with_gt else ()):
+        if key not in batch:
+            raise ValueError(f"batch: missing key {key!r}")
+    img = batch["img"]
+    if not isinstance(img, Tensor):
+        raise TypeError(f"img: expected a Tensor[B, 3, H, W], got {type(img).__name__}")
+    if img.dim() != 4:
+        raise ValueError(f"img: expected shape [B, 3, H, W], got {tuple(img.shape)}")
+    if len(batch["img_metas"]) != img.shape[0]:
+        raise ValueError(
+            f"img_metas: expected {img.shape[0]} entries (one per image), got {len(batch['img_metas'])}"
+        )
+
+
+class SingleStageDetector(nn.Module):
+    """Backbone -> neck -> dense head.
+
+    Args:
+        backbone: ``Tensor[B, 3, H, W]`` -> tuple of feature maps.
+        neck: tuple of maps -> tuple of pyramid levels (e.g. ``labkit.nn.FPN``); may be ``None``.
+        head: a ``labkit.heads.dense_head.DenseHead``.
+    """
+
+    def __init__(self, backbone: nn.Module, neck: nn.Module | None, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.neck = neck
+        self.head = head
+        self.recipe: tuple[str, dict] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        """Foreground classes of the head."""
+        return self.head.num_classes
+
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def extract_feat(self, img: Tensor) -> list[Tensor]:
+        """Pyramid features of ``img: Tensor[B, 3, H, W]``: list of ``Tensor[B, C, H_l, W_l]``."""
+        feats = self.backbone(img)
+        if self.neck is not None:
+            feats = self.neck(feats)
+        return list(feats)
+
+    def forward(self, img: Tensor) -> tuple[list[Tensor], ...]:
+        """Raw head outputs for ``img: Tensor[B, 3, H, W]`` (per level, see the head's ``forward``)."""
+        return self.head(self.extract_feat(img))
+
+    def loss(self, batch: dict) -> dict[str, Tensor]:
+        """Training losses of a collated batch: ``{"loss_*": Tensor[]}``.
+
+        Raises ``ValueError`` / ``TypeError`` naming the argument for malformed ground truth
+        (wrong shape, NaN/inf, x2 < x1, labels out of range); images without boxes are fine.
+        """
+        _check_batch(batch, with_gt=True)
+        check_gt_instances(
+            batch["gt_bboxes"],
+            batch["gt_labels"],
+            self.head.num_classes,
+            batch.get("gt_bboxes_ignore"),
+            batch["img_metas"],
+        )
+        batch = _to_device(batch, self._device())
+        return self.head.loss(self.extract_feat(batch["img"]), batch)
+
+    @torch.no_grad()
+    def predict(self, batch: dict, rescale: bool = True) -> list[dict[str, Tensor]]:
+        """Detections per image: ``{"boxes": Tensor[K, 4], "scores": Tensor[K], "labels": LongTensor[K]}``.
+
+        Boxes are in original-image pixels when ``rescale`` (divided by ``scale_factor``),
+        otherwise in the resized image's. Call ``model.eval()`` first (BatchNorm).
+        """
+        _check_batch(batch, with_gt=False)
+        batch = _to_device(batch, self._device())
+        feats = self.extract_feat(batch["img"])
+        return self.head.predict(feats, batch["img_metas"], rescale=rescale)
+
+
+def build_neck_backbone(
+    backbone: str = "resnet18",
+    *,
+    fpn_channels: int | None = None,
+    add_extra_convs: str = "on_input",
+    relu_before_extra_convs: bool = False,
+    num_outs: int = 5,
+) -> tuple[nn.Module, nn.Module, int]:
+    """Backbone (C3-C5, no pretrained weights) and FPN (P3-P7 by default), as in RetinaNet.
+
+    Args:
+        backbone: ``"resnet18" | "resnet34" | "resnet50" | "resnet101" | "tiny"`` (see
+            ``labkit.nn.build_backbone``). ResNets train their BatchNorm (``norm_eval=False``)
+            since nothing is pretrained.
+        fpn_channels: FPN width; ``None`` = 256 for ResNets, ``TINY_CHANNELS`` for "tiny".
+        add_extra_convs: where P6 comes from (``"on_input"`` RetinaNet, ``"on_output"`` ATSS/FCOS).
+        relu_before_extra_convs: ReLU before the P7 conv (FCOS).
+        num_outs: number of pyramid levels.
+
+    Returns:
+        ``(backbone, neck, fpn_channels)``.
+    """
+    from labkit.nn import FPN, build_backbone
+
+    if fpn_channels is None:
+        fpn_channels = TINY_CHANNELS if backbone == "tiny" else 256
+    kwargs = {} if backbone == "tiny" else {"norm_eval": False}
+    body = build_backbone(backbone, out_indices=(1, 2, 3), **kwargs)
+    neck = FPN(
+        body.out_channels,
+        fpn_channels,
+        num_outs=num_outs,
+        start_level=0,
+        add_extra_convs=add_extra_convs,
+        relu_before_extra_convs=relu_before_extra_convs,
+    )
+    return body, neck, fpn_channels
+
+
+def build_single_stage(
+    head_factory: Callable[[int, int, int], nn.Module],
+    *,
+    backbone: str = "resnet18",
+    fpn_channels: int | None = None,
+    feat_channels: int | None = None,
+    stacked_convs: int | None = None,
+    add_extra_convs: str = "on_input",
+    relu_before_extra_convs: bool = False,
+    num_outs: int = 5,
+) -> SingleStageDetector:
+    """Backbone + FPN + ``head_factory(in_channels, feat_channels, stacked_convs)``.
+
+    ``feat_channels`` defaults to the FPN width and ``stacked_convs`` to 4 (``TINY_STACKED_CONVS``
+    for the tiny backbone), mmdetection's head tower.
+    """
+    body, neck, channels = build_neck_backbone(
+        backbone,
+        fpn_channels=fpn_channels,
+        add_extra_convs=add_extra_convs,
+        relu_before_extra_convs=relu_before_extra_convs,
+        num_outs=num_outs,
+    )
+    if feat_channels is None:
+        feat_channels = channels
+    if stacked_convs is None:
+        stacked_convs = TINY_STACKED_CONVS if backbone == "tiny" else 4
+    return SingleStageDetector(body, neck, head_factory(channels, feat_channels, stacked_convs))
