@@ -153,6 +153,15 @@ def test_fast_path_equals_reference_bit_for_bit(mode):
     )
 
 
+@pytest.mark.parametrize("mode", ["iou", "iof", "giou"])
+def test_autograd_path_equals_in_place_path(mode):
+    # Without autograd the pairwise overlaps reuse buffers in place; with it they must not.
+    b1, b2 = random_boxes(60, seed=12), random_boxes(9, seed=13)
+    with_grad = bbox_overlaps(b1.clone().requires_grad_(), b2, mode)
+    with_grad.sum().backward()
+    assert torch.equal(with_grad.detach(), bbox_overlaps(b1, b2, mode))
+
+
 def test_iou_agrees_with_torchvision():
     torchvision = pytest.importorskip("torchvision")
     b1, b2 = random_boxes(500, seed=5)[3:], random_boxes(50, seed=6)[3:]
