@@ -5,9 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from labkit._validation import check_boxes, check_labels
+from labkit.heads.anchor_free import AnchorFreeHead, init_head_convs
+from labkit.heads.dense_head import TestConfig, make_test_cfg
+from labkit.heads.detector import SingleStageDetector, build_single_stage
+from labkit.losses import FocalLoss, SmoothL1Loss
 
 FOVEA_BASE_EDGES = (16, 32, 64, 128, 256)
 FOVEA_SCALE_RANGES = ((1, 64), (32, 128), (64, 256), (128, 512), (256, 2048))
@@ -72,7 +76,7 @@ def fovea_targets_single(
     areas = torch.sqrt((gt_bboxes[:, 2] - gt_bboxes[:, 0]) * (gt_bboxes[:, 3] - gt_bboxes[:, 1]))
     labels_lvl, targets_lvl = [], []
     for base_len, (low, high), stride, size, pri in zip(
-        base_edges, scale_ranges, strides, featmap_sizes, priors
+        base_edges, scale_ranges, strides, featmap_sizes, priors, strict=True
     ):
         h, w = size
         labels = gt_labels.new_full((h * w,), num_classes)
@@ -135,14 +139,14 @@ def fovea_targets(
             "featmap_sizes: priors, strides, base_edges and scale_ranges need one entry per level, got "
             f"{len(featmap_sizes)}, {len(priors)}, {len(strides)}, {len(base_edges)}, {len(scale_ranges)}"
         )
-    for i, (b, lab) in enumerate(zip(gt_bboxes, gt_labels)):
+    for i, (b, lab) in enumerate(zip(gt_bboxes, gt_labels, strict=True)):
         check_boxes(b, f"gt_bboxes[{i}]")
         check_labels(lab, f"gt_labels[{i}]", b.shape[0], num_classes)
     per_image = [
         fovea_targets_single(
             b, lab, featmap_sizes, priors, num_classes, strides, base_edges, scale_ranges, sigma
         )
-        for b, lab in zip(gt_bboxes, gt_labels)
+        for b, lab in zip(gt_bboxes, gt_labels, strict=True)
     ]
     labels = torch.cat(
         [torch.cat([img[0][lvl] for img in per_image]) for lvl in range(len(priors))]
@@ -160,7 +164,7 @@ def fovea_decode(
 
     Args:
         priors: Tensor[N, 2] (x, y); bbox_pred: Tensor[N, 4] log distances / base_len.
-        base_len: the level's base edge; max_shape: (h, w) of the image.
+        base_len: the level's base edge (or Tensor[N, 1] per prior); max_shape: (h, w) of the image.
 
     Returns:
         Tensor[N, 4] xyxy.
@@ -172,3 +176,176 @@ def fovea_decode(
     x2 = (x + d[:, 2]).clamp(min=0, max=max_shape[1] - 1)
     y2 = (y + d[:, 3]).clamp(min=0, max=max_shape[0] - 1)
     return torch.stack((x1, y1, x2, y2), -1)
+
+
+class FoveaHead(AnchorFreeHead):
+    """FoveaBox head (mmdetection 3.x ``FoveaHead`` without the deformable feature alignment).
+
+    Towers as ``AnchorFreeHead`` (no norm by default), ``conv_cls`` (C) and ``conv_reg`` (4
+    log-space distances / base edge). Loss: focal (gamma 1.5, alpha 0.4) over all cells with
+    avg_factor = positives + images; smooth L1 (beta 0.11) on positives with avg_factor =
+    positives (a plain zero when there are none). Inference decodes ``exp(pred) * base_edge``
+    around the cell centre, clipped to ``[0, w - 1] x [0, h - 1]``; no minimum box size.
+
+    Args:
+        num_classes, in_channels, feat_channels, stacked_convs, strides, norm, test_cfg: see
+            ``AnchorFreeHead``.
+        base_edges: per level normaliser of the distances.
+        scale_ranges: per level (low, high) of sqrt(w * h) (inclusive, overlapping).
+        sigma: fovea shrink factor.
+        loss_cls, loss_bbox: override the default losses.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int,
+        feat_channels: int = 256,
+        stacked_convs: int = 4,
+        strides: Sequence[int] = (8, 16, 32, 64, 128),
+        base_edges: Sequence[int] = FOVEA_BASE_EDGES,
+        scale_ranges: Sequence[tuple[float, float]] = FOVEA_SCALE_RANGES,
+        sigma: float = 0.4,
+        norm: str | None = None,
+        loss_cls: nn.Module | None = None,
+        loss_bbox: nn.Module | None = None,
+        test_cfg: TestConfig | None = None,
+    ) -> None:
+        super().__init__(
+            num_classes,
+            in_channels,
+            feat_channels,
+            stacked_convs,
+            strides,
+            norm,
+            None,
+            0.5,
+            test_cfg if test_cfg is not None else TestConfig(min_bbox_size=-1),
+        )
+        if not len(base_edges) == len(scale_ranges) == len(strides):
+            raise ValueError(
+                f"base_edges: expected one base edge and scale range per stride ({len(strides)}), "
+                f"got {len(base_edges)} and {len(scale_ranges)}"
+            )
+        self.base_edges = tuple(base_edges)
+        self.scale_ranges = tuple(tuple(r) for r in scale_ranges)
+        self.sigma = sigma
+        self.loss_cls = loss_cls if loss_cls is not None else FocalLoss(gamma=1.5, alpha=0.4)
+        self.loss_bbox = loss_bbox if loss_bbox is not None else SmoothL1Loss(beta=0.11)
+        self._init_towers()
+        init_head_convs(self, self.conv_cls)
+
+    def forward(self, feats: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """``feats[l]: Tensor[B, C_in, H_l, W_l]`` -> ``(cls_scores [B, C, H, W], bbox_preds [B, 4, H, W])``."""
+        if len(feats) != len(self.strides):
+            raise ValueError(f"feats: expected {len(self.strides)} levels, got {len(feats)}")
+        outs = [self.forward_towers(x)[:2] for x in feats]
+        return [o[0] for o in outs], [o[1] for o in outs]
+
+    def get_targets(
+        self, cls_scores: list[Tensor], batch_gt_bboxes: list[Tensor], batch_gt_labels: list[Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """Flattened labels and log-space targets for the map sizes of ``cls_scores``."""
+        sizes = [tuple(x.shape[-2:]) for x in cls_scores]
+        return fovea_targets(
+            batch_gt_bboxes,
+            batch_gt_labels,
+            sizes,
+            self.points(cls_scores),
+            self.num_classes,
+            self.strides,
+            self.base_edges,
+            self.scale_ranges,
+            self.sigma,
+        )
+
+    def loss_by_feat(
+        self,
+        cls_scores: list[Tensor],
+        bbox_preds: list[Tensor],
+        *,
+        batch_gt_bboxes: list[Tensor],
+        batch_gt_labels: list[Tensor],
+        batch_img_metas: list[dict],
+        batch_gt_bboxes_ignore: list[Tensor | None] | None = None,
+    ) -> dict[str, Tensor]:
+        """``{"loss_cls", "loss_bbox"}`` (ignore boxes unused, as in mmdetection)."""
+        num_imgs = cls_scores[0].size(0)
+        flat_cls = torch.cat(
+            [x.permute(0, 2, 3, 1).reshape(-1, self.cls_out_channels) for x in cls_scores]
+        )
+        flat_bbox = torch.cat([x.permute(0, 2, 3, 1).reshape(-1, 4) for x in bbox_preds])
+        labels, targets = self.get_targets(cls_scores, batch_gt_bboxes, batch_gt_labels)
+        pos_inds = ((labels >= 0) & (labels < self.num_classes)).nonzero().view(-1)
+        num_pos = len(pos_inds)
+        loss_cls = self.loss_cls(flat_cls, labels, avg_factor=num_pos + num_imgs)
+        if num_pos > 0:
+            pos_targets = targets[pos_inds]
+            loss_bbox = self.loss_bbox(
+                flat_bbox[pos_inds],
+                pos_targets,
+                pos_targets.new_ones(pos_targets.shape),
+                avg_factor=num_pos,
+            )
+        else:
+            loss_bbox = torch.tensor(0, dtype=flat_bbox.dtype, device=flat_bbox.device)
+        return {"loss_cls": loss_cls, "loss_bbox": loss_bbox}
+
+    def _predict_by_feat_single(
+        self, cls_score_list, bbox_pred_list, score_factor_list, mlvl_priors, *args, **kwargs
+    ):
+        # Carry each level's base edge as a third prior column so one decode call serves all levels.
+        mlvl_priors = [
+            torch.cat([p[:, :2], p.new_full((p.shape[0], 1), float(e))], dim=1)
+            for p, e in zip(mlvl_priors, self.base_edges, strict=True)
+        ]
+        return super()._predict_by_feat_single(
+            cls_score_list, bbox_pred_list, score_factor_list, mlvl_priors, *args, **kwargs
+        )
+
+    def _decode_bboxes(self, priors: Tensor, bbox_pred: Tensor, img_shape: tuple) -> Tensor:
+        """Boxes from priors ``[N, 3]`` (x, y, base edge) and log-space predictions ``[N, 4]``."""
+        return fovea_decode(priors[:, :2], bbox_pred, priors[:, 2:3], img_shape)
+
+
+def foveabox(
+    num_classes: int,
+    backbone: str = "tiny",
+    *,
+    sigma: float = 0.4,
+    fpn_channels: int | None = None,
+    feat_channels: int | None = None,
+    stacked_convs: int | None = None,
+    test_cfg: dict | None = None,
+) -> SingleStageDetector:
+    """FoveaBox detector: backbone (C3-C5) + FPN P3-P7 (P6 from C5) + ``FoveaHead``.
+
+    mmdetection's ``fovea_r50_fpn_4x4_1x`` settings: strides 8-128, base edges 16-256,
+    scale ranges ((1, 64), (32, 128), (64, 256), (128, 512), (256, 2048)), sigma 0.4,
+    focal (1.5, 0.4) + smooth L1 (0.11); test nms_pre 1000, score_thr 0.05, NMS 0.5, 100.
+
+    Returns:
+        A ``SingleStageDetector`` with ``model.recipe == ("foveabox", {...kwargs})``.
+    """
+    kwargs = {
+        "num_classes": num_classes,
+        "backbone": backbone,
+        "sigma": sigma,
+        "fpn_channels": fpn_channels,
+        "feat_channels": feat_channels,
+        "stacked_convs": stacked_convs,
+        "test_cfg": test_cfg,
+    }
+    cfg = make_test_cfg(test_cfg, min_bbox_size=-1)
+    model = build_single_stage(
+        lambda c_in, c_feat, n: FoveaHead(
+            num_classes, c_in, feat_channels=c_feat, stacked_convs=n, sigma=sigma, test_cfg=cfg
+        ),
+        backbone=backbone,
+        fpn_channels=fpn_channels,
+        feat_channels=feat_channels,
+        stacked_convs=stacked_convs,
+        add_extra_convs="on_input",
+    )
+    model.recipe = ("foveabox", kwargs)
+    return model
