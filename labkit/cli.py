@@ -52,15 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
                 stub = subparsers.add_parser(
                     command, help=f"{help_text} (unavailable)", add_help=False
                 )
-                stub.add_argument("rest", nargs=argparse.REMAINDER)
-                stub.set_defaults(func=_unavailable(module_name, reason))
+                stub.set_defaults(func=_unavailable(module_name, reason), accepts_any=True)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``labkit`` console script; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_any", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 0 if args.command is None else 2

@@ -74,3 +74,42 @@ def tiny_coco() -> TinyCoco:
 def make_coco():
     """Factory fixture: ``make_coco(images, anns, categories) -> TinyCoco`` (see ``make_tiny_coco``)."""
     return make_tiny_coco
+
+
+def write_tiny_notebook(path, body: str, kernel: str = "labkit") -> None:
+    """Write a minimal lesson-shaped notebook: parameters cell, setup, ``body``, exercises."""
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+    book = new_notebook()
+    book.metadata["kernelspec"] = {
+        "name": kernel,
+        "display_name": "Python (labkit)",
+        "language": "python",
+    }
+    params = new_code_cell('quick = True\ndevice = "auto"\nseed = 0')
+    params.metadata["tags"] = ["parameters"]
+    book.cells = [
+        new_markdown_cell("# A tiny lesson"),
+        params,
+        new_code_cell(
+            "import labkit.notebook\nsession = labkit.notebook.setup(quick, device, seed)"
+        ),
+        new_code_cell(body),
+        new_markdown_cell("## Exercises\n1. Exercise: change the seed."),
+    ]
+    nbformat.write(book, str(path))
+
+
+@pytest.fixture
+def make_notebook():
+    """Factory fixture: ``make_notebook(path, body)`` writes a tiny lesson notebook."""
+    return write_tiny_notebook
+
+
+@pytest.fixture(scope="session")
+def labkit_kernel() -> str:
+    """Name of the Jupyter kernel notebooks run on; registers ``labkit`` for this Python if missing."""
+    from labkit.run_notebooks import ensure_kernel
+
+    return ensure_kernel("labkit")
