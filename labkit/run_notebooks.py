@@ -50,8 +50,9 @@ class NotebookRun:
 
 
 def default_notebook_dir() -> Path:
-    """``notebooks/`` next to the ``labkit`` package (the repository checkout)."""
-    return Path(__file__).resolve().parent.parent / "notebooks"
+    """``./notebooks`` if it exists, else ``notebooks/`` of the checkout holding ``labkit``."""
+    here = Path("notebooks")
+    return here if here.is_dir() else Path(__file__).resolve().parent.parent / "notebooks"
 
 
 def discover(notebook_dir: str | os.PathLike | None = None) -> list[Path]:
