@@ -1,0 +1,242 @@
+"""Checkpoints: atomic saves, clear load errors, and bit-identical resume of the train loop."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+import labkit
+from labkit.engine.checkpoint import load_checkpoint, save_checkpoint
+from labkit.engine.train import TrainConfig, capture_rng, restore_rng, train
+
+torch.set_num_threads(1)
+
+
+class NoisyBoxes(torch.utils.data.Dataset):
+    """Random augmentation from all three global RNGs, so resume must restore each of them."""
+
+    def __init__(self, n: int):
+        g = torch.Generator().manual_seed(1)
+        self.imgs = torch.rand(n, 3, 16, 16, generator=g)
+        self.boxes = torch.rand(n, 4, generator=g)
+
+    def __len__(self):
+        return len(self.imgs)
+
+    def __getitem__(self, i):
+        img = self.imgs[i] + 0.1 * torch.randn(3, 16, 16)
+        if random.random() < 0.5:
+            img = img.flip(-1)
+        scale = float(np.random.uniform(0.9, 1.1))
+        return img * scale, self.boxes[i]
+
+
+def collate(items):
+    return {"img": torch.stack([i for i, _ in items]), "target": torch.stack([b for _, b in items])}
+
+
+class DropoutRegressor(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(), nn.Flatten())
+        self.drop = nn.Dropout(0.3)
+        self.head = nn.Linear(4 * 7 * 7, 4)
+
+    def loss(self, batch):
+        pred = self.head(self.drop(self.backbone(batch["img"])))
+        return {
+            "loss_bbox": (pred - batch["target"]).abs().mean(),
+            "loss_l2": 0.1 * pred.square().mean(),
+        }
+
+
+def make_loader(n=12, batch_size=2, seed=0):
+    return DataLoader(
+        NoisyBoxes(n),
+        batch_size=batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def fresh_model(seed):
+    torch.manual_seed(seed)  # different seeds: the resumed model must get everything from the file
+    return DropoutRegressor()
+
+
+def config(**kw):
+    base = dict(progress=False, lr=0.05, warmup_iters=3, milestones=(2,), log_every=1, max_norm=1.0)
+    return TrainConfig(**{**base, **kw})
+
+
+def losses(history):
+    return [(r["iter"], r["epoch"], r["lr"], r["loss"], r["loss_bbox"]) for r in history.train]
+
+
+def run_straight(cfg, seed=0):
+    torch.manual_seed(123)
+    random.seed(123)
+    np.random.seed(123)
+    model = fresh_model(seed)
+    hist = train(model, make_loader(), cfg, device="cpu")
+    return model, hist
+
+
+@pytest.mark.parametrize(
+    ("full", "first", "optimizer"),
+    [
+        ({"epochs": 2}, {"epochs": 1}, "sgd"),  # resume at an epoch boundary
+        ({"max_iters": 10}, {"max_iters": 4}, "adamw"),  # resume in the middle of epoch 1
+    ],
+)
+def test_resume_is_bit_identical(tmp_path, full, first, optimizer):
+    model_a, hist_a = run_straight(config(optimizer=optimizer, **full))
+    # Interrupted run: same seeds, stop early, then a new process-like start.
+    torch.manual_seed(123)
+    random.seed(123)
+    np.random.seed(123)
+    model_b = fresh_model(0)
+    train(
+        model_b,
+        make_loader(),
+        config(optimizer=optimizer, **first),
+        work_dir=tmp_path,
+        device="cpu",
+    )
+    torch.manual_seed(999)  # the resumed process starts from unrelated RNG states
+    random.seed(999)
+    np.random.seed(999)
+    model_c = fresh_model(7)
+    hist_c = train(
+        model_c,
+        make_loader(seed=5),
+        config(optimizer=optimizer, **full),
+        work_dir=tmp_path,
+        resume=True,
+        device="cpu",
+    )
+    assert losses(hist_c) == losses(hist_a)  # exact float equality, step by step
+    for (name, a), c in zip(
+        model_a.state_dict().items(), model_c.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, c), name
+
+
+def test_resume_when_nothing_is_saved_starts_fresh(tmp_path):
+    _, hist = run_straight(config(max_iters=2))
+    torch.manual_seed(123)
+    random.seed(123)
+    np.random.seed(123)
+    hist_b = train(
+        fresh_model(0),
+        make_loader(),
+        config(max_iters=2),
+        work_dir=tmp_path,
+        resume=True,
+        device="cpu",
+    )
+    assert losses(hist_b) == losses(hist)
+    # A finished run resumed with the same schedule does nothing more.
+    hist_c = train(
+        fresh_model(3),
+        make_loader(),
+        config(max_iters=2),
+        work_dir=tmp_path,
+        resume=True,
+        device="cpu",
+    )
+    assert losses(hist_c) == losses(hist)
+
+
+def test_checkpoint_contents(tmp_path):
+    model = fresh_model(0)
+    train(
+        model,
+        make_loader(),
+        config(epochs=1),
+        work_dir=tmp_path,
+        device="cpu",
+        recipe={"name": "regressor", "kwargs": {"num_classes": 3}},
+    )
+    ckpt = load_checkpoint(tmp_path / "epoch_1.pth")
+    assert ckpt["labkit_version"] == labkit.__version__
+    assert ckpt["recipe"] == {"name": "regressor", "kwargs": {"num_classes": 3}}
+    assert ckpt["epoch"] == 1 and ckpt["iter"] == 6 and ckpt["iter_in_epoch"] == 0
+    assert ckpt["config"]["lr"] == 0.05 and len(ckpt["history"]["train"]) == 6
+    assert set(ckpt["model"]) == set(model.state_dict())
+
+
+def test_save_is_atomic_when_writing_crashes(tmp_path, monkeypatch):
+    path = tmp_path / "latest.pth"
+    save_checkpoint(path, {"model": {"w": torch.ones(2)}, "iter": 1})
+
+    def crashing_save(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, {"model": {"w": torch.zeros(2)}, "iter": 2})
+    monkeypatch.undo()
+    ckpt = load_checkpoint(path)
+    assert ckpt["iter"] == 1 and torch.equal(ckpt["model"]["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["latest.pth"]  # no temp file left behind
+
+
+def test_load_errors_name_the_problem(tmp_path):
+    model = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        load_checkpoint(tmp_path / "missing.pth", model)
+    save_checkpoint(tmp_path / "junk.pth", {"weights": [1, 2]})
+    with pytest.raises(ValueError, match="no 'model' entry"):
+        load_checkpoint(tmp_path / "junk.pth", model)
+    (tmp_path / "text.pth").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="text.pth"):
+        load_checkpoint(tmp_path / "text.pth")
+
+    other = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 2))
+    state = other.state_dict()
+    state["extra.weight"] = torch.zeros(1)
+    del state["0.bias"]
+    save_checkpoint(tmp_path / "other.pth", {"model": state})
+    with pytest.raises(ValueError) as err:
+        load_checkpoint(tmp_path / "other.pth", model)
+    message = str(err.value)
+    assert "missing keys: 0.bias" in message and "unexpected keys: extra.weight" in message
+    assert "1.weight (checkpoint (2, 3) vs model (1, 3))" in message
+    before = model[1].weight.clone()
+    with pytest.warns(UserWarning, match="partly loaded"):
+        load_checkpoint(tmp_path / "other.pth", model, strict=False)
+    assert torch.equal(model[0].weight, other[0].weight)  # matching keys loaded
+    assert torch.equal(model[1].weight, before)  # mis-shaped key skipped
+
+    # A bare state dict from a DDP-wrapped model (module. prefix) loads too.
+    save_checkpoint(tmp_path / "ddp.pth", {f"module.{k}": v for k, v in other.state_dict().items()})
+    target = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 2))
+    load_checkpoint(tmp_path / "ddp.pth", target)
+    assert torch.equal(target[1].weight, other[1].weight)
+
+
+def test_rng_capture_round_trip():
+    loader = make_loader()
+    state = capture_rng(loader)
+    a = (
+        random.random(),
+        np.random.rand(),
+        torch.rand(2),
+        torch.rand(1, generator=loader.generator),
+    )
+    restore_rng(state, loader)
+    b = (
+        random.random(),
+        np.random.rand(),
+        torch.rand(2),
+        torch.rand(1, generator=loader.generator),
+    )
+    assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2]) and torch.equal(a[3], b[3])
