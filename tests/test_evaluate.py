@@ -183,3 +183,73 @@ def test_evaluate_runs_predict_and_restores_mode(tiny_coco):
     m = evaluate(model, loader, tiny_coco, device="cpu", progress=False)
     assert m["AP"] == pytest.approx(1.0)
     assert model.training
+
+
+def _write_coco_files(tmp_path):
+    """Three 64x48 images on disk with a COCO JSON: category ids 5 and 2 (JSON order), a crowd box."""
+    import json
+
+    from PIL import Image
+
+    images, anns = [], []
+    boxes = {1: [(5, [4, 4, 20, 10])], 2: [(2, [10, 12, 30, 20]), (5, [0, 0, 8, 8])], 3: []}
+    for image_id, objs in boxes.items():
+        name = f"{image_id:03d}.png"
+        Image.new("RGB", (64, 48)).save(tmp_path / name)
+        images.append({"id": image_id, "file_name": name, "width": 64, "height": 48})
+        for cat, bbox in objs:
+            anns.append(
+                {"id": len(anns) + 1, "image_id": image_id, "category_id": cat, "bbox": bbox,
+                 "area": bbox[2] * bbox[3], "iscrowd": 0}
+            )  # fmt: skip
+    anns.append(
+        {
+            "id": 99,
+            "image_id": 3,
+            "category_id": 2,
+            "bbox": [1, 1, 40, 40],
+            "area": 1600,
+            "iscrowd": 1,
+        }
+    )
+    cats = [{"id": 5, "name": "star"}, {"id": 2, "name": "moon"}]
+    ann_file = tmp_path / "instances.json"
+    ann_file.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    return ann_file
+
+
+def test_with_labkit_coco_dataset_and_subsets(tmp_path):
+    from torch.utils.data import Subset
+
+    from labkit.data import CocoDetection
+
+    ds = CocoDetection(_write_coco_files(tmp_path), tmp_path)
+    assert ds.cat_ids == [5, 2] and list(ds.classes) == ["star", "moon"]
+    results = []
+    for idx in range(len(ds)):
+        ann = ds.get_ann_info(idx)
+        results.append(
+            {
+                "image_id": ds.image_ids[idx],
+                "boxes": torch.from_numpy(ann["bboxes"]),
+                "scores": torch.ones(len(ann["labels"])),
+                "labels": torch.from_numpy(ann["labels"]),
+            }
+        )
+    # A detection on the crowd region of image 3 is ignored, not a false positive.
+    results[2] = {"image_id": 3, "boxes": [[2.0, 2.0, 30.0, 30.0]], "scores": [0.9], "labels": [1]}
+    m = coco_evaluate(results, ds)
+    assert m["AP"] == pytest.approx(1.0)
+    assert m["per_class"] == {"star": pytest.approx(1.0), "moon": pytest.approx(1.0)}
+    dets = results_to_coco(results[:1], ds)
+    assert dets == [{"image_id": 1, "bbox": [4.0, 4.0, 20.0, 10.0], "score": 1.0, "category_id": 5}]
+
+    # Quick runs evaluate a few images: a Subset scores only its own images...
+    assert coco_evaluate(results[:1], Subset(ds, [0]))["AP"] == pytest.approx(1.0)
+    # ...while the full dataset counts image 2's two objects as missed.
+    full = coco_evaluate(results[:1], ds)
+    assert full["per_class"]["moon"] == pytest.approx(0.0)
+    assert full["per_class"]["star"] == pytest.approx(51 / 101)  # 1 of 2 stars found
+    assert coco_evaluate(results[:1], ds, img_ids=[1])["AP"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="img_ids"):
+        coco_evaluate(results, ds, img_ids=[42])

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import Subset
 
 __all__ = ["coco_evaluate", "evaluate", "format_table", "results_to_coco"]
 
@@ -30,11 +31,13 @@ def results_to_coco(results: Iterable[dict], dataset: Any) -> list[dict]:
     Args:
         results: per image ``{"image_id": int, "boxes": [N, 4] xyxy original-image pixels,
             "scores": [N], "labels": [N] in 0..C-1}`` (tensors, arrays or lists).
-        dataset: anything with ``.cat_ids`` (label -> COCO category id) and ``.coco``.
+        dataset: anything with ``.cat_ids`` (label -> COCO category id) and ``.coco`` (or a
+            ``Subset`` of it).
 
     Returns:
         ``[{"image_id", "bbox": [x, y, w, h], "score", "category_id"}, ...]``.
     """
+    dataset, _ = _unwrap(dataset)
     cat_ids = list(dataset.cat_ids)
     known_images = set(dataset.coco.getImgIds())
     dets = []
@@ -79,10 +82,28 @@ def _class_ap(precision: np.ndarray) -> float:
     return float(np.mean(valid)) if valid.size else float("nan")
 
 
-def coco_evaluate(results: Sequence[dict], dataset: Any, verbose: bool = False) -> dict:
+def _unwrap(dataset: Any) -> tuple[Any, list[int] | None]:
+    """The COCO-backed dataset and the image ids it covers (a ``Subset`` covers only its own)."""
+    if isinstance(dataset, Subset):
+        base, ids = _unwrap(dataset.dataset)
+        if ids is None:
+            raise TypeError("dataset: a Subset needs a base dataset with .image_ids")
+        return base, [ids[i] for i in dataset.indices]
+    ids = getattr(dataset, "image_ids", None)
+    return dataset, None if ids is None else list(ids)
+
+
+def coco_evaluate(
+    results: Sequence[dict],
+    dataset: Any,
+    verbose: bool = False,
+    img_ids: Sequence[int] | None = None,
+) -> dict:
     """COCO bbox metrics of ``results`` against ``dataset``'s annotations (mmdetection's way).
 
-    Every image of the dataset counts, with or without detections. Metrics are pycocotools'
+    Every image of the dataset counts, with or without detections (for a ``torch.utils.data
+    .Subset`` of a dataset, only the subset's images, so quick runs on a few images score
+    fairly). Metrics are pycocotools'
     ``COCOeval.stats`` with ``maxDets = (100, 300, 1000)`` as in mmdetection; an area range
     without ground truth gives ``-1`` and a class without ground truth a ``nan`` AP (the
     pycocotools/mmdetection conventions). No detections at all gives zeros, not an error.
@@ -91,18 +112,29 @@ def coco_evaluate(results: Sequence[dict], dataset: Any, verbose: bool = False) 
         results: per image ``{"image_id", "boxes": [N, 4] xyxy original pixels, "scores": [N],
             "labels": [N] in 0..C-1}``.
         dataset: object with ``.coco`` (pycocotools ``COCO``), ``.cat_ids`` (label -> category
-            id) and ``.classes`` (label -> name), e.g. ``labkit.data.CocoDetection``.
+            id) and ``.classes`` (label -> name), e.g. ``labkit.data.CocoDetection``, or a
+            ``Subset`` of one.
         verbose: print pycocotools' own summary.
+        img_ids: evaluate these image ids only (default: the dataset's ``image_ids``, else
+            every image of its COCO file).
 
     Returns:
         ``{"AP", "AP50", "AP75", "APs", "APm", "APl", "AR100", "AR300", "AR1000", "ARs", "ARm",
         "ARl": float, "per_class": {name: AP}, "per_class_AP50": {name: AP50},
         "num_detections": int}``.
     """
+    dataset, covered = _unwrap(dataset)
     for attr in ("coco", "cat_ids", "classes"):
         if not hasattr(dataset, attr):
             raise TypeError(f"dataset: expected an object with .{attr} (e.g. CocoDetection)")
     from pycocotools.cocoeval import COCOeval
+
+    if img_ids is None:
+        img_ids = covered if covered is not None else dataset.coco.getImgIds()
+    img_ids = [int(i) for i in img_ids]
+    unknown = set(img_ids) - set(dataset.coco.getImgIds())
+    if unknown:
+        raise ValueError(f"img_ids: {sorted(unknown)[:5]} are not images of the dataset")
 
     classes = list(dataset.classes)
     dets = results_to_coco(results, dataset)
@@ -118,20 +150,23 @@ def coco_evaluate(results: Sequence[dict], dataset: Any, verbose: bool = False) 
         coco_dt = dataset.coco.loadRes(dets)
         coco_eval = COCOeval(dataset.coco, coco_dt, "bbox")
         coco_eval.params.catIds = list(dataset.cat_ids)
-        coco_eval.params.imgIds = dataset.coco.getImgIds()
+        coco_eval.params.imgIds = img_ids
         coco_eval.params.maxDets = list(_MAX_DETS)
         coco_eval.evaluate()
         coco_eval.accumulate()
         coco_eval.summarize()
 
     metrics = {name: float(v) for name, v in zip(_STAT_NAMES, coco_eval.stats, strict=True)}
-    # precision: [IoU thresholds, recall thresholds, classes, area ranges, maxDets]
+    # precision: [IoU thresholds, recall thresholds, classes, area ranges, maxDets]; COCOeval
+    # sorts params.catIds, so look each class up by its category id, not by its label.
     precision = coco_eval.eval["precision"]
+    column = {cat_id: k for k, cat_id in enumerate(coco_eval.params.catIds)}
+    ks = [column[cat_id] for cat_id in dataset.cat_ids]
     metrics["per_class"] = {
-        name: _class_ap(precision[:, :, k, 0, -1]) for k, name in enumerate(classes)
+        name: _class_ap(precision[:, :, k, 0, -1]) for name, k in zip(classes, ks, strict=True)
     }
     metrics["per_class_AP50"] = {
-        name: _class_ap(precision[0, :, k, 0, -1]) for k, name in enumerate(classes)
+        name: _class_ap(precision[0, :, k, 0, -1]) for name, k in zip(classes, ks, strict=True)
     }
     metrics["num_detections"] = len(dets)
     return metrics
