@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from labkit.data import collate, make_loader
+from labkit.data import RandomFlip, ToTensor, collate, make_loader
 
 
 def item(h: int, w: int, img_shape=None, k: int = 1, value: float = 1.0) -> dict:
@@ -92,3 +93,26 @@ def test_make_loader_is_seeded():
     assert first["img"].shape == (4, 3, 8, 8)
     with pytest.raises(ValueError, match="batch_size"):
         make_loader(_Toy(), batch_size=0)
+
+
+class _Flipping(torch.utils.data.Dataset):
+    def __init__(self) -> None:
+        self.flip = RandomFlip(0.5, seed=0)
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i: int) -> dict:
+        raw = {"img": np.zeros((4, 4, 3), np.uint8), "img_meta": {"img_shape": (4, 4)}}
+        return ToTensor()(self.flip(raw))
+
+
+def test_random_flip_differs_across_workers_but_repeats_across_runs():
+    def flips(seed):
+        loader = make_loader(_Flipping(), batch_size=1, num_workers=2, seed=seed)
+        return [b["img_metas"][0]["flip"] for b in loader]
+
+    first = flips(0)
+    assert first == flips(0)
+    # batches alternate between the two workers; identical generators would repeat in pairs
+    assert first[0::2] != first[1::2]

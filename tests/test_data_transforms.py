@@ -78,6 +78,13 @@ def test_resize_keep_ratio_scales_boxes_by_scale_factor():
     assert item["img"].shape == (40, 60, 3)  # the input item is left untouched
 
 
+def test_resize_int_scale_is_square_and_float_is_factor():
+    item = make_item(40, 60)
+    assert Resize(30)(item)["img_meta"]["img_shape"] == (20, 30)
+    assert Resize(30, keep_ratio=False)(item)["img_meta"]["img_shape"] == (30, 30)
+    assert Resize(0.5)(item)["img_meta"]["img_shape"] == (20, 30)
+
+
 def test_resize_clips_boxes_to_image():
     item = make_item(40, 60, boxes=[[-5, -5, 70, 50]])
     out = Resize((80, 120), keep_ratio=False)(item)
@@ -225,6 +232,8 @@ def test_bad_arguments_raise_clear_errors():
         Resize((100, 100, 3))
     with pytest.raises(ValueError, match="scale"):
         Resize(1.5, keep_ratio=False)
+    with pytest.raises(ValueError, match="scale"):
+        Resize(-2.0)
     with pytest.raises(TypeError, match="keep_ratio"):
         Resize((10, 10), keep_ratio="yes")
     with pytest.raises(ValueError, match="prob"):

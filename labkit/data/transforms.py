@@ -125,7 +125,8 @@ class Resize:
     Args:
         scale: ``(h, w)``. With ``keep_ratio`` it is a pair of edge limits (long edge at most
             ``max(scale)``, short edge at most ``min(scale)``, as mmdetection's ``(1333, 800)``);
-            without, the exact output size. A float with ``keep_ratio`` is a plain factor.
+            without, the exact output size. An int ``s`` means ``(s, s)``; a float with
+            ``keep_ratio`` is a plain factor (mmcv ``imrescale`` with a number).
         keep_ratio: keep the aspect ratio (mmcv ``imrescale``) or stretch to ``scale``.
         clip_object_border: clip the scaled boxes to the new image, as mmdetection does.
 
@@ -143,9 +144,11 @@ class Resize:
     ) -> None:
         if not isinstance(keep_ratio, bool):
             raise TypeError(f"keep_ratio: expected a bool, got {type(keep_ratio).__name__}")
-        if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        if isinstance(scale, (int, np.integer)) and not isinstance(scale, bool):
+            scale = (int(scale), int(scale))  # an int means a square size, as in mmdetection 3.x
+        if isinstance(scale, float):
             if not keep_ratio:
-                raise ValueError("scale: a single number is only allowed with keep_ratio=True")
+                raise ValueError("scale: a float factor is only allowed with keep_ratio=True")
             if not scale > 0 or not math.isfinite(scale):
                 raise ValueError(f"scale: a scale factor must be positive and finite, got {scale}")
             self.scale: tuple[int, int] | float = float(scale)
@@ -226,11 +229,22 @@ class RandomFlip:
             raise ValueError(f"prob: expected a probability in [0, 1], got {prob!r}")
         self.prob = float(prob)
         self.direction = check_direction(direction)
+        self.seed = seed
         self.rng = np.random.default_rng(seed)
+        self._worker_seed: int | None = None
+
+    def _generator(self) -> np.random.Generator:
+        # DataLoader workers each get a copy of this object; without reseeding they would all
+        # draw the same flips. The worker seed comes from the loader's own (seeded) generator.
+        info = torch.utils.data.get_worker_info()
+        if info is not None and info.seed != self._worker_seed:
+            self._worker_seed = info.seed
+            self.rng = np.random.default_rng([0 if self.seed is None else self.seed, info.seed])
+        return self.rng
 
     def __call__(self, item: dict) -> dict:
         item = _check_item(item, "RandomFlip")
-        do_flip = bool(self.rng.random() < self.prob)
+        do_flip = bool(self._generator().random() < self.prob)
         item = dict(item)
         meta = dict(item["img_meta"])
         meta["flip"] = do_flip
