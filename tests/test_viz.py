@@ -147,3 +147,20 @@ def test_show_detections_applies_score_threshold():
     assert [t.get_text() for t in ax.texts] == ["z 0.90"]
     ax = viz.show_detections(img, result, score_thr=0.0, gt_bboxes=[[0, 0, 5, 5]])
     assert len(ax.patches) == 3
+
+
+def test_draw_level_grid_lines_and_prior_centres():
+    _, ax = plt.subplots()
+    vlines, hlines, centres = viz.draw_level_grid(
+        ax, (40, 64), stride=16, level=1, center_offset=0.5
+    )
+    assert len(vlines.get_segments()) == 5  # x = 0, 16, 32, 48, 64
+    assert len(hlines.get_segments()) == 3  # y = 0, 16, 32 (40 is not a multiple)
+    assert tuple(vlines.get_colors()[0][:3]) == pytest.approx(viz.level_color(1))
+    # ceil(40/16) = 3 rows x 4 columns of centres, x fastest, at (k + 0.5) * 16
+    offsets = centres.get_offsets()
+    assert offsets.shape == (12, 2)
+    np.testing.assert_array_equal(offsets[:5], [[8, 8], [24, 8], [40, 8], [56, 8], [8, 24]])
+    assert len(viz.draw_level_grid(ax, (40, 64), stride=8)) == 2
+    with pytest.raises(ValueError, match="stride"):
+        viz.draw_level_grid(ax, (40, 64), stride=0)

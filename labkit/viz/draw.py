@@ -17,6 +17,7 @@ __all__ = [
     "LEVEL_COLORS",
     "class_color",
     "draw_boxes",
+    "draw_level_grid",
     "draw_points",
     "grid",
     "level_color",
@@ -229,6 +230,41 @@ def draw_points(
         arr[:, 0], arr[:, 1], s=size, c=[c] if isinstance(c, tuple) else c,
         marker=marker, label=label, alpha=alpha, linewidths=0,
     )  # fmt: skip
+
+
+def draw_level_grid(
+    ax: Any,
+    image_shape: tuple[int, int],
+    stride: int,
+    color: Any = None,
+    level: int = 0,
+    center_offset: float | None = None,
+    linewidth: float = 0.5,
+    alpha: float = 0.6,
+) -> list[Any]:
+    """Draw the cell grid of one FPN level (lines every ``stride`` pixels) over an ``(h, w)`` image.
+
+    Args:
+        color: line colour; defaults to ``level_color(level)``.
+        center_offset: also mark the prior centres ``(k + center_offset) * stride``
+            (0.0 for mmdetection's anchors, 0.5 for its point priors).
+
+    Returns:
+        The artists added: vertical lines, horizontal lines (and the centre points).
+    """
+    h, w = image_shape
+    if not isinstance(stride, int | np.integer) or stride <= 0:
+        raise ValueError(f"stride: expected a positive int, got {stride!r}")
+    c = level_color(level) if color is None else color
+    xs, ys = np.arange(0, w + 1, stride), np.arange(0, h + 1, stride)
+    style = {"colors": [c], "linewidth": linewidth, "alpha": alpha}
+    artists = [ax.vlines(xs, 0, h, **style), ax.hlines(ys, 0, w, **style)]
+    if center_offset is not None:
+        cx = (np.arange(-(-w // stride)) + center_offset) * stride
+        cy = (np.arange(-(-h // stride)) + center_offset) * stride
+        gx, gy = np.meshgrid(cx, cy)  # x varies fastest, as priors are ordered
+        artists.append(draw_points(ax, np.stack([gx.ravel(), gy.ravel()], axis=1), color=c, size=4))
+    return artists
 
 
 def grid(
