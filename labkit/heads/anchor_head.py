@@ -235,9 +235,8 @@ class AnchorHead(DenseHead):
         )
         num_pos = [int(s.pos_inds.numel()) for s in samplings]
         num_neg = [int(s.neg_inds.numel()) for s in samplings]
-        avg_factor = float(sum(max(p, 1) for p in num_pos))
-        if self.sampling:
-            avg_factor += float(sum(max(n, 1) for n in num_neg))
+        # max(P, 1) per image, plus max(Q, 1) with a real sampler (SamplingResult.avg_factor)
+        avg_factor = float(sum(s.avg_factor for s in samplings))
         pos_inds = [((lab >= 0) & (lab < self.num_classes)).nonzero().view(-1) for lab in labels]
         return AnchorTargets(
             anchors=flat_anchors,

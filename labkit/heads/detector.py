@@ -147,7 +147,8 @@ def build_neck_backbone(
     Returns:
         ``(backbone, neck, fpn_channels)``.
     """
-    from labkit.nn import FPN, build_backbone
+    from labkit.nn.backbones import build_backbone
+    from labkit.nn.fpn import FPN
 
     if fpn_channels is None:
         fpn_channels = TINY_CHANNELS if backbone == "tiny" else 256
