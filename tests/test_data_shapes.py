@@ -131,3 +131,18 @@ def test_bad_arguments():
         make_shapes("/nonexistent/never", image_size=16)
     with pytest.raises(ValueError, match="split"):
         shapes_dataset("test")
+
+
+def test_default_root_is_the_checkouts_data_folder(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from labkit.data import data_root
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.delenv("LABKIT_DATA", raising=False)
+    assert data_root() == repo / "data"
+    monkeypatch.setenv("LABKIT_DATA", str(tmp_path))
+    assert data_root() == tmp_path
+    monkeypatch.chdir(tmp_path)
+    make_shapes(seed=2, num_train=1, num_val=1, image_size=64)
+    assert (tmp_path / "shapes" / "instances_val.json").is_file()

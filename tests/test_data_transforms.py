@@ -165,8 +165,10 @@ def test_pad_does_not_move_boxes_and_records_pad_shape():
     np.testing.assert_array_equal(out["gt_bboxes"], item["gt_bboxes"])
     fixed = Pad(size=(50, 70))(item)
     assert fixed["img"].shape == (50, 70, 3)
-    both = Pad(size=(50, 70), size_divisor=32)(item)
-    assert both["img_meta"]["pad_shape"] == (64, 96)
+    square = Pad(pad_to_square=True)(item)
+    assert square["img_meta"]["pad_shape"] == (60, 60)
+    square32 = Pad(size_divisor=32, pad_to_square=True)(item)
+    assert square32["img_meta"]["pad_shape"] == (64, 64)
     already = Pad(size_divisor=20)(item)
     assert already["img"].shape == (40, 60, 3)
 
@@ -246,6 +248,10 @@ def test_bad_arguments_raise_clear_errors():
         Normalize(mean=(1, 2))
     with pytest.raises(ValueError, match="size, size_divisor"):
         Pad()
+    with pytest.raises(ValueError, match="size, size_divisor"):
+        Pad(size=(64, 64), size_divisor=32)
+    with pytest.raises(ValueError, match="size"):
+        Pad(size=(64, 64), pad_to_square=True)
     with pytest.raises(ValueError, match="size_divisor"):
         Pad(size_divisor=0)
     with pytest.raises(ValueError, match="size"):

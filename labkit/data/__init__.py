@@ -2,6 +2,7 @@
 
 from labkit.data.coco import CocoDetection, load_image
 from labkit.data.collate import collate, make_loader
+from labkit.data.paths import data_root
 from labkit.data.shapes import CLASSES as SHAPES_CLASSES
 from labkit.data.shapes import make_shapes, shapes_dataset, shapes_sample
 from labkit.data.transforms import (
@@ -25,6 +26,7 @@ __all__ = [
     "Resize",
     "ToTensor",
     "collate",
+    "data_root",
     "load_image",
     "make_loader",
     "make_shapes",

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
 from labkit.data.coco import CocoDetection
+from labkit.data.paths import default_root
 from labkit.data.transforms import ToTensor
 
 __all__ = [
@@ -320,7 +321,7 @@ def _check_int(value: object, name: str, minimum: int) -> int:
 
 
 def make_shapes(
-    root: str | os.PathLike = "data/shapes",
+    root: str | os.PathLike | None = None,
     seed: int = 0,
     num_train: int = 256,
     num_val: int = 64,
@@ -328,6 +329,7 @@ def make_shapes(
 ) -> dict:
     """Write the shapes dataset under ``root`` (idempotent) and return its manifest.
 
+    ``root=None`` means ``data/shapes`` of this checkout (see :func:`labkit.data.paths.data_root`).
     Layout: ``root/train/000000.png ...``, ``root/val/...``, ``root/instances_train.json``,
     ``root/instances_val.json`` (``file_name`` relative to ``root``; category ids 1-5 in
     ``CLASSES`` order) and ``root/manifest.json`` (the parameters and each file's SHA-256).
@@ -337,7 +339,7 @@ def make_shapes(
     Returns:
         ``{"params": {...}, "files": {relative path: sha256}, "generated": bool}``.
     """
-    root = os.fspath(root)
+    root = default_root("shapes", root)
     params = {
         "seed": _check_int(seed, "seed", 0),
         "num_train": _check_int(num_train, "num_train", 0),
@@ -364,7 +366,7 @@ def make_shapes(
 
 def shapes_dataset(
     split: str = "train",
-    root: str | os.PathLike = "data/shapes",
+    root: str | os.PathLike | None = None,
     transforms: Callable[[dict], dict] | None = None,
     **make_kwargs,
 ) -> CocoDetection:
@@ -374,8 +376,8 @@ def shapes_dataset(
     """
     if split not in ("train", "val"):
         raise ValueError(f"split: expected 'train' or 'val', got {split!r}")
+    root = default_root("shapes", root)
     make_shapes(root, **make_kwargs)
-    root = os.fspath(root)
     return CocoDetection(os.path.join(root, f"instances_{split}.json"), root, transforms)
 
 

@@ -322,21 +322,26 @@ class Pad:
 
     Args:
         size: pad to exactly ``(h, w)`` (must not be smaller than the image).
-        size_divisor: pad each side up to a multiple of it, ``ceil(h / d) * d``. With both,
-            the image is first padded to ``size`` and then to the multiple.
+        size_divisor: pad each side up to a multiple of it, ``ceil(h / d) * d``.
+        pad_to_square: pad to ``max(h, w)`` on both sides (then to ``size_divisor`` if given).
         pad_val: fill value (0, which after ``Normalize`` is the mean colour).
 
-    Sets ``img_meta["pad_shape"]``; ``img_shape`` keeps the unpadded size.
+    Give exactly one of ``size`` and ``size_divisor`` (mmcv 2.x would silently ignore ``size``
+    when both are set), or ``pad_to_square``. Sets ``img_meta["pad_shape"]``; ``img_shape``
+    keeps the unpadded size.
     """
 
     def __init__(
         self,
         size: tuple[int, int] | None = None,
         size_divisor: int | None = None,
+        pad_to_square: bool = False,
         pad_val: float = 0.0,
     ) -> None:
-        if size is None and size_divisor is None:
-            raise ValueError("size, size_divisor: give at least one of them")
+        if pad_to_square and size is not None:
+            raise ValueError("size: must be None when pad_to_square=True")
+        if not pad_to_square and (size is None) == (size_divisor is None):
+            raise ValueError("size, size_divisor: give exactly one of them")
         self.size = None if size is None else _check_scale_pair(size, "size")
         if size_divisor is not None and (
             isinstance(size_divisor, bool)
@@ -345,6 +350,7 @@ class Pad:
         ):
             raise ValueError(f"size_divisor: expected a positive int, got {size_divisor!r}")
         self.size_divisor = None if size_divisor is None else int(size_divisor)
+        self.pad_to_square = bool(pad_to_square)
         self.pad_val = float(pad_val)
 
     def __call__(self, item: dict) -> dict:
@@ -352,6 +358,8 @@ class Pad:
         img = item["img"]
         h, w = img.shape[:2]
         ph, pw = h, w
+        if self.pad_to_square:
+            ph = pw = max(h, w)
         if self.size is not None:
             ph, pw = self.size
             if ph < h or pw < w:
@@ -370,7 +378,10 @@ class Pad:
         return item
 
     def __repr__(self) -> str:
-        return f"Pad(size={self.size}, size_divisor={self.size_divisor}, pad_val={self.pad_val})"
+        return (
+            f"Pad(size={self.size}, size_divisor={self.size_divisor}, "
+            f"pad_to_square={self.pad_to_square}, pad_val={self.pad_val})"
+        )
 
 
 class ToTensor:

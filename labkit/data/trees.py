@@ -24,6 +24,7 @@ import zipfile
 from collections.abc import Callable, Sequence
 
 from labkit.data.coco import CocoDetection
+from labkit.data.paths import default_root
 from labkit.data.voc import voc_to_coco
 
 __all__ = [
@@ -94,7 +95,7 @@ def _extract(wheel: str, root: str, names: Sequence[str]) -> list[str]:
 
 
 def make_trees(
-    root: str | os.PathLike = "data/trees",
+    root: str | os.PathLike | None = None,
     wheel: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
     names: Sequence[str] = TREE_IMAGES,
@@ -102,7 +103,7 @@ def make_trees(
     """Extract the tree-crown images and write ``root/instances_trees.json`` (idempotent).
 
     Args:
-        root: output folder.
+        root: output folder (``None``: ``data/trees`` of this checkout).
         wheel: a deepforest wheel (or any zip with ``deepforest/data/<name>.xml`` + image)
             to read instead of downloading; tests pass a tiny fake one.
         cache_dir: where the downloaded wheel is kept (default ``root/cache``).
@@ -112,7 +113,7 @@ def make_trees(
         The manifest ``{"wheel", "wheel_sha256", "names", "files": {path: sha256},
         "counts": {name: boxes}, "generated": bool}``.
     """
-    root = os.fspath(root)
+    root = default_root("trees", root)
     manifest_path = os.path.join(root, "manifest.json")
     if os.path.isfile(manifest_path):
         with open(manifest_path) as f:
@@ -154,7 +155,7 @@ def make_trees(
 
 
 def trees_dataset(
-    root: str | os.PathLike = "data/trees",
+    root: str | os.PathLike | None = None,
     transforms: Callable[[dict], dict] | None = None,
     classes: Sequence[str] | None = None,
     **make_kwargs,
@@ -164,8 +165,8 @@ def trees_dataset(
     ``classes=["Tree"]`` keeps only the OSBS/YELL trees (SOAP's boxes are then skipped, as
     mmdetection skips categories outside its class list).
     """
+    root = default_root("trees", root)
     make_trees(root, **make_kwargs)
-    root = os.fspath(root)
     return CocoDetection(
         os.path.join(root, "instances_trees.json"),
         os.path.join(root, "images"),
