@@ -17,13 +17,25 @@ from labkit.engine.train import TrainConfig, capture_rng, restore_rng, train
 torch.set_num_threads(1)
 
 
+class Jitter:
+    """A transform with its own numpy Generator, like labkit.data's RandomFlip."""
+
+    def __init__(self):
+        self.rng = np.random.default_rng(0)
+
+    def __call__(self, img):
+        return img + float(self.rng.normal(0, 0.05))
+
+
 class NoisyBoxes(torch.utils.data.Dataset):
-    """Random augmentation from all three global RNGs, so resume must restore each of them."""
+    """Random augmentation from all three global RNGs and a transform's own Generator, so
+    resume must restore each of them."""
 
     def __init__(self, n: int):
         g = torch.Generator().manual_seed(1)
         self.imgs = torch.rand(n, 3, 16, 16, generator=g)
         self.boxes = torch.rand(n, 4, generator=g)
+        self.transforms = [Jitter()]
 
     def __len__(self):
         return len(self.imgs)
@@ -33,7 +45,7 @@ class NoisyBoxes(torch.utils.data.Dataset):
         if random.random() < 0.5:
             img = img.flip(-1)
         scale = float(np.random.uniform(0.9, 1.1))
-        return img * scale, self.boxes[i]
+        return self.transforms[0](img * scale), self.boxes[i]
 
 
 def collate(items):

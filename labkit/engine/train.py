@@ -298,10 +298,31 @@ def _loader_generators(loader: DataLoader) -> list[torch.Generator]:
     return unique
 
 
+def _transform_generators(obj: Any, depth: int = 0) -> list[np.random.Generator]:
+    """numpy Generators owned by the dataset's transforms (e.g. ``RandomFlip.rng``).
+
+    Looks through ``.dataset``/``.datasets`` (Subset, ConcatDataset), ``.transforms``
+    (Compose) and ``.rng``, a few levels deep. With ``num_workers=0`` these streams live in
+    the main process and must be saved for an exact resume; in workers they are reseeded
+    from the loader's generator, which is saved anyway.
+    """
+    if isinstance(obj, np.random.Generator):
+        return [obj]
+    if obj is None or depth > 4:
+        return []
+    found: list[np.random.Generator] = []
+    for attr in ("dataset", "datasets", "transforms", "rng"):
+        child = getattr(obj, attr, None)
+        for item in child if isinstance(child, (list, tuple)) else [child]:
+            found += _transform_generators(item, depth + 1)
+    return found
+
+
 def capture_rng(loader: DataLoader | None = None) -> dict:
-    """Every random state a training step can touch: python, numpy, torch (CPU, CUDA) and
-    the loader's generators (shuffle order, worker seeds). Stored with plain types/tensors
-    so ``torch.load(weights_only=True)`` reads it back."""
+    """Every random state a training step can touch: python, numpy, torch (CPU, CUDA), the
+    loader's generators (shuffle order, worker seeds) and numpy Generators inside the
+    dataset's transforms. Stored with plain types/tensors so ``torch.load(weights_only=True)``
+    reads it back."""
     version, internal, gauss = random.getstate()
     _, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
@@ -309,6 +330,7 @@ def capture_rng(loader: DataLoader | None = None) -> dict:
         "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
         "torch": torch.get_rng_state(),
         "loader": [g.get_state() for g in _loader_generators(loader)] if loader is not None else [],
+        "transforms": [g.bit_generator.state for g in _transform_generators(loader)],
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -327,6 +349,10 @@ def restore_rng(state: dict, loader: DataLoader | None = None) -> None:
     if loader is not None:
         for gen, gen_state in zip(_loader_generators(loader), state["loader"], strict=True):
             gen.set_state(gen_state)
+        # strict=False: a resumed run may use a dataset whose transforms changed.
+        transform_states = state.get("transforms", [])
+        for gen, gen_state in zip(_transform_generators(loader), transform_states, strict=False):
+            gen.bit_generator.state = gen_state
 
 
 # ----------------------------------------------------------------------------- the loop
