@@ -164,3 +164,83 @@ def test_bad_input_errors():
             (8,),
             ((-1, 64),),
         )
+
+
+def _head(**kw):
+    from labkit.heads.fcos import FCOSHead
+
+    torch.manual_seed(0)
+    return FCOSHead(
+        C,
+        8,
+        feat_channels=8,
+        stacked_convs=1,
+        strides=(8, 16),
+        regress_ranges=((-1, 32), (32, INF)),
+        **kw,
+    )
+
+
+def _feats_batch(boxes, labels):
+    feats = [torch.randn(2, 8, 8, 8), torch.randn(2, 8, 4, 4)]
+    metas = [dict(img_shape=(64, 64), pad_shape=(64, 64), scale_factor=(1.0, 1.0, 1.0, 1.0))] * 2
+    return feats, dict(img_metas=metas, gt_bboxes=boxes, gt_labels=labels)
+
+
+def test_head_outputs_norm_on_bbox_and_centerness_branch():
+    head = _head(norm_on_bbox=True, centerness_on_reg=True)
+    feats, _ = _feats_batch([], [])
+    cls, bbox, ctr = head(feats)
+    assert (
+        cls[0].shape == (2, C, 8, 8)
+        and bbox[1].shape == (2, 4, 4, 4)
+        and ctr[0].shape == (2, 1, 8, 8)
+    )
+    assert (bbox[0] >= 0).all()
+    train_pred = bbox[1]
+    head.eval()
+    # At inference norm_on_bbox distances are multiplied back by the stride.
+    assert torch.allclose(head(feats)[1][1], train_pred * 16)
+    # Without the centerness branch the head returns two lists and no centerness loss.
+    head = _head(centerness=False)
+    assert len(head(feats)) == 2 and head.conv_centerness is None
+
+
+def test_head_loss_keys_and_empty_gt():
+    head = _head(center_sampling=True, norm_on_bbox=True)
+    feats, batch = _feats_batch(
+        [torch.tensor([[8.0, 8.0, 40.0, 40.0]]), torch.zeros(0, 4)],
+        [torch.tensor([1]), torch.zeros(0, dtype=torch.long)],
+    )
+    losses = head.loss(feats, batch)
+    assert set(losses) == {"loss_cls", "loss_bbox", "loss_centerness"}
+    assert all(torch.isfinite(v) for v in losses.values()) and losses["loss_bbox"] > 0
+    feats, batch = _feats_batch([torch.zeros(0, 4)] * 2, [torch.zeros(0, dtype=torch.long)] * 2)
+    losses = head.loss(feats, batch)
+    assert losses["loss_bbox"].item() == 0 and losses["loss_centerness"].item() == 0
+    # No positives: the focal loss is averaged over max(num_pos, 1) = 1.
+    cls = torch.cat([x.permute(0, 2, 3, 1).reshape(-1, C) for x in head(feats)[0]])
+    expected = head.loss_cls(cls, torch.full((cls.shape[0],), C), reduction_override="sum")
+    assert losses["loss_cls"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert set(_head(centerness=False).loss(feats, batch)) == {"loss_cls", "loss_bbox"}
+
+
+def test_predict_multiplies_scores_by_centerness():
+    head = _head()
+    torch.nn.init.constant_(head.conv_cls.bias, 2.0)  # sigmoid 0.881 everywhere
+    torch.nn.init.constant_(head.conv_centerness.bias, -1.0)  # sigmoid 0.269
+    for m in (head.conv_cls, head.conv_centerness):
+        torch.nn.init.zeros_(m.weight)
+    head.eval()
+    feats, batch = _feats_batch([], [])
+    out = head.predict(feats, batch["img_metas"])
+    expected = torch.sigmoid(torch.tensor(2.0)) * torch.sigmoid(torch.tensor(-1.0))
+    assert len(out[0]["scores"]) > 0
+    assert torch.allclose(out[0]["scores"], expected.expand_as(out[0]["scores"]))
+    # Without centerness the class probability itself is the score.
+    head.with_centerness = False
+    head.conv_centerness = None
+    out = head.predict(feats, batch["img_metas"])
+    assert torch.allclose(
+        out[0]["scores"], torch.sigmoid(torch.tensor(2.0)).expand_as(out[0]["scores"])
+    )
