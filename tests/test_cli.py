@@ -82,6 +82,7 @@ def test_notebooks_run_writes_outputs_and_summary(tmp_path, capsys, make_noteboo
     make_notebook(nb_dir / "03_skipped.ipynb", "pass")
     argv = ["notebooks", "run", "01", "02_fail", "--notebook-dir", str(nb_dir)]
     argv += ["--out", str(out), "--device", "cpu", "--seed", "5", "--full", "--no-progress"]
+    argv += ["--jobs", "2"]  # worker processes: a failure in one must not stop the other
     status = cli.main(argv)
     captured = capsys.readouterr()
 
@@ -111,3 +112,40 @@ def test_notebooks_run_writes_outputs_and_summary(tmp_path, capsys, make_noteboo
         ("02_fail.ipynb", "failed"),
     ]
     assert summary["runs"][0]["metrics"] == expected
+
+
+def test_serial_run_keeps_notebook_order_and_options(tmp_path, monkeypatch, capsys, make_notebook):
+    from labkit import run_notebooks as runner
+
+    for name in ("02_b.ipynb", "01_a.ipynb", "03_c.ipynb"):
+        make_notebook(tmp_path / name, "pass")
+    calls = []
+
+    def fake_run(path, out_dir, **options):
+        calls.append((path.name, str(out_dir), options))
+        return runner.NotebookRun(path.name, "ok", 0.5, metrics={"n": len(calls)})
+
+    monkeypatch.setattr(runner, "run_notebook", fake_run)
+    argv = [
+        "notebooks",
+        "run",
+        "03",
+        "01",
+        "--notebook-dir",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "b"),
+    ]
+    assert cli.main([*argv, "--timeout", "30", "--no-html"]) == 0
+    assert [c[0] for c in calls] == ["01_a.ipynb", "03_c.ipynb"]
+    assert calls[0][2] == {
+        "progress": True,
+        "quick": True,
+        "device": "auto",
+        "seed": 0,
+        "kernel": "labkit",
+        "timeout": 30.0,
+        "html": False,
+    }
+    out = capsys.readouterr().out
+    assert "01_a.ipynb  ok" in out and "2 notebook(s), 0 failed" in out
