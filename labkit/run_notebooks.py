@@ -140,7 +140,7 @@ def run_notebook(
     out_dir: str | os.PathLike = "build",
     *,
     quick: bool = True,
-    device: str = "auto",
+    device: str = "cpu",
     seed: int = 0,
     kernel: str = KERNEL_NAME,
     timeout: float | None = None,
@@ -219,7 +219,7 @@ def run_notebooks(
     notebook_dir: str | os.PathLike | None = None,
     out_dir: str | os.PathLike = "build",
     full: bool = False,
-    device: str = "auto",
+    device: str = "cpu",
     seed: int = 0,
     jobs: int = 1,
     timeout: float | None = None,
@@ -357,12 +357,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "run",
         parents=[common],
         help="execute notebooks with papermill into build/",
-        description="Execute numbered notebooks with papermill (quick mode unless --full); "
-        "write executed copies to OUT/notebooks, HTML to OUT/html, print recorded metrics.",
+        description="Execute numbered notebooks with papermill (quick mode on the CPU unless "
+        "--full / --device); write executed copies to OUT/notebooks, HTML to OUT/html, and "
+        "print each notebook's recorded metrics. Exits 1 if any notebook failed.",
     )
     run.add_argument("names", nargs="*", help="notebooks to run: prefixes like 01 or full names")
     run.add_argument("--full", action="store_true", help="full mode (quick = False)")
-    run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
+    run.add_argument(
+        "--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu, as baselines)"
+    )
     run.add_argument("--seed", type=int, default=0, help="seed parameter (default: 0)")
     run.add_argument("--jobs", "-j", type=int, default=1, help="notebooks run in parallel")
     run.add_argument("--out", default="build", help="output folder (default: build)")

@@ -141,7 +141,7 @@ def test_serial_run_keeps_notebook_order_and_options(tmp_path, monkeypatch, caps
     assert calls[0][2] == {
         "progress": True,
         "quick": True,
-        "device": "auto",
+        "device": "cpu",
         "seed": 0,
         "kernel": "labkit",
         "timeout": 30.0,
