@@ -133,18 +133,19 @@ def _to_json(value: Any, name: str) -> Any:
 
 
 def _in_ipython() -> bool:
+    """True inside a Jupyter kernel (JupyterLab, papermill, nbval), not in a terminal shell."""
     try:
         from IPython import get_ipython
     except ImportError:
         return False
-    return get_ipython() is not None
+    return getattr(get_ipython(), "kernel", None) is not None
 
 
 def record(name: str, value: Any) -> Any:
     """Store a metric in the executed notebook so batch runs and tests can read it back.
 
-    Inside IPython this displays a ``application/vnd.labkit.metrics+json`` bundle (plus a
-    ``text/plain`` line readers see); outside it just prints the line. Tensors and NumPy
+    Inside a Jupyter kernel this displays an ``application/vnd.labkit.metrics+json`` bundle
+    (plus a ``text/plain`` line readers see); elsewhere it just prints the line. Tensors and NumPy
     values become plain numbers/lists; NaN and inf are rejected.
 
     Returns:
