@@ -28,8 +28,6 @@ import shutil
 from collections.abc import Callable
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
 from labkit.data.coco import CocoDetection
@@ -47,34 +45,51 @@ __all__ = [
 
 CLASSES = ("ellipse", "rectangle", "triangle", "ring", "cross")
 MIN_VISIBLE = 0.35
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 MIN_SIZE = 8.0
 MAX_SIZE_FRACTION = 0.85
 _SPLIT_CODES = {"train": 0, "val": 1, "sample": 2}
 
 
+def _upsample_linear(grid: np.ndarray, out: int) -> np.ndarray:
+    """Bilinear upsampling of ``[g, g, C]`` to ``[out, out, C]`` (small_size-pixel centres).
+
+    Plain elementwise arithmetic, so the bytes are the same on every machine.
+    """
+    g = grid.shape[0]
+    pos = np.clip((np.arange(out) + 0.5) * g / out - 0.5, 0, g - 1)
+    i0 = np.floor(pos).astype(np.int64)
+    i1 = np.minimum(i0 + 1, g - 1)
+    f = pos - i0
+    rows = grid[i0] * (1 - f)[:, None, None] + grid[i1] * f[:, None, None]
+    return rows[:, i0] * (1 - f)[None, :, None] + rows[:, i1] * f[None, :, None]
+
+
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     """uint8 ``[S, S, 3]`` background: gradient + smooth blotches (+ stripes sometimes).
 
-    Built at half resolution and upsampled, which keeps it smooth and cheap to compress.
+    Built at quarter resolution and upsampled, which keeps it smooth and cheap to compress.
+    Only elementwise arithmetic on arrays (no array sin/cos, whose SIMD versions may differ
+    between CPUs), so a seed gives the same bytes everywhere.
     """
-    half = (size + 1) // 2
+    small_size = (size + 3) // 4
     c0, c1 = rng.uniform(30, 225, size=(2, 3))
     angle = rng.uniform(0, 2 * math.pi)
-    coords = np.arange(half, dtype=np.float32) / half
-    t = np.cos(angle) * coords[None, :] + np.sin(angle) * coords[:, None]
+    coords = np.arange(small_size, dtype=np.float64) / small_size
+    t = math.cos(angle) * coords[None, :] + math.sin(angle) * coords[:, None]
     t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
     img = c0 + (c1 - c0) * t[..., None]
     grid = int(rng.integers(3, 10))
-    blotch = torch.from_numpy(rng.normal(0, 1, size=(1, 3, grid, grid)).astype(np.float32))
-    blotch = F.interpolate(blotch, size=(half, half), mode="bilinear", align_corners=False)
-    img = img + float(rng.uniform(8, 30)) * blotch[0].permute(1, 2, 0).numpy()
+    blotch = _upsample_linear(rng.normal(0, 1, size=(grid, grid, 3)), small_size)
+    img = img + float(rng.uniform(8, 30)) * blotch
     if rng.random() < 0.3:
-        period = rng.uniform(6, 24)  # in half-resolution pixels
-        phase = np.cos(angle + 1.0) * coords[None, :] + np.sin(angle + 1.0) * coords[:, None]
-        img = img + rng.uniform(6, 16) * np.sin(2 * math.pi * half * phase / period)[..., None]
-    small = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
-    return np.asarray(small.resize((size, size), Image.Resampling.BILINEAR))
+        period = rng.uniform(4, 12)  # in quarter-resolution pixels
+        phase = math.cos(angle + 1.0) * coords[None, :] + math.sin(angle + 1.0) * coords[:, None]
+        wave = phase * small_size / period
+        triangle = 4 * np.abs(wave - np.floor(wave) - 0.5) - 1  # in [-1, 1]
+        img = img + rng.uniform(6, 16) * triangle[..., None]
+    low = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    return np.asarray(low.resize((size, size), Image.Resampling.BILINEAR))
 
 
 def _colour(rng: np.random.Generator, avoid: np.ndarray) -> tuple[int, int, int]:
@@ -160,7 +175,7 @@ def _object_mask(kind: str, w: int, h: int, rng: np.random.Generator) -> Image.I
 
 
 def _sample_objects(rng: np.random.Generator, size: int) -> list[dict]:
-    """Object kinds, boxes and colours for one image, in painting order (back to front)."""
+    """Object kinds and boxes ``(x, y, w, h)`` for one image, in painting order (back to front)."""
     n = 0 if rng.random() < 0.03 else int(rng.integers(1, 15))
     max_size = MAX_SIZE_FRACTION * size
     objects = []
