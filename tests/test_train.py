@@ -332,3 +332,122 @@ def test_amp_request_on_cpu_warns_and_trains_in_float32():
         hist = train(TinyDetector(), loader(4, 2), quiet(max_iters=1, amp=True), device="cpu")
     assert len(hist.train) == 1
     assert train_module.History().series("loss") == ([], [])
+
+
+def test_stopping_inside_an_epoch_still_evaluates_once(monkeypatch):
+    calls = []
+    monkeypatch.setattr(
+        "labkit.engine.evaluate.evaluate", lambda *a, **k: calls.append(1) or {"AP": 0.1}
+    )
+    hist = train(
+        TinyDetector(),
+        loader(8, 2),
+        quiet(max_iters=3),
+        val_loader=loader(2, 2),
+        val_dataset="V",
+        device="cpu",
+    )
+    assert len(calls) == 1 and hist.val[0]["iter"] == 3 and hist.val[0]["epoch"] == 0
+
+
+def _cli(argv, recipes, monkeypatch):
+    import argparse
+
+    from labkit.engine import cli
+
+    class Named(BoxDataset):
+        num_classes, classes = 1, ("square",)
+
+    monkeypatch.setattr(
+        cli, "build_dataset", lambda spec, split, size: Named(4 if split == "train" else 2)
+    )
+    monkeypatch.setattr(
+        "labkit.data.make_loader",
+        lambda ds, batch_size=2, shuffle=False, num_workers=0, seed=0: DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            collate_fn=collate,
+            generator=torch.Generator().manual_seed(seed),
+        ),
+    )
+    monkeypatch.setattr(
+        "labkit.engine.evaluate.evaluate",
+        lambda model, *a, **k: {"AP": 0.5, "w": model.head.bias.sum().item()},
+    )
+    monkeypatch.setattr("labkit.engine.evaluate.format_table", lambda m: f"AP {m['AP']}")
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers(dest="command"), recipes=recipes)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_train_then_eval_rebuilds_the_model_from_the_checkpoint(tmp_path, monkeypatch, capsys):
+    built = []
+
+    def tiny(num_classes, width=8):
+        built.append((num_classes, width))
+        return TinyDetector()
+
+    recipes = {"tiny": tiny}
+    work = tmp_path / "run"
+    argv = ["train", "--model", "tiny", "--model-arg", "width=16", "--epochs", "2", "--lr", "0.01"]
+    argv += [
+        "--warmup-iters",
+        "0",
+        "--work-dir",
+        str(work),
+        "--no-progress",
+        "--image-size",
+        "64,96",
+    ]
+    assert _cli(argv, recipes, monkeypatch) == 0
+    assert built == [(1, 16)]
+    ckpt = torch.load(work / "latest.pth", weights_only=True)
+    assert ckpt["recipe"] == {
+        "name": "tiny",
+        "kwargs": {"num_classes": 1, "width": 16},
+        "data": "shapes",
+        "image_size": [64, 96],
+        "classes": ["square"],
+    }
+    assert ckpt["epoch"] == 2 and tuple(ckpt["config"]["milestones"]) == (8, 11)
+    out = capsys.readouterr().out
+    assert "trained 4 iterations" in out and "AP 0.5" in out
+    metrics_file = tmp_path / "m.json"
+    assert (
+        _cli(
+            [
+                "eval",
+                "--checkpoint",
+                str(work / "latest.pth"),
+                "--output",
+                str(metrics_file),
+                "--no-progress",
+            ],
+            recipes,
+            monkeypatch,
+        )
+        == 0
+    )
+    assert built[-1] == (1, 16)
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["w"] == pytest.approx(
+        ckpt["model"]["head.bias"].sum().item()
+    )  # trained weights loaded
+    with pytest.raises(SystemExit, match="unknown 'nope'"):
+        _cli(["train", "--model", "nope", "--work-dir", str(work)], recipes, monkeypatch)
+
+
+def test_cli_argument_parsers():
+    import argparse
+
+    from labkit.engine.cli import parse_image_size, parse_model_arg
+
+    assert parse_image_size("512") == (512, 512) and parse_image_size("800,1333") == (800, 1333)
+    with pytest.raises(argparse.ArgumentTypeError, match="image-size"):
+        parse_image_size("big")
+    assert parse_model_arg("backbone=resnet50") == ("backbone", "resnet50")
+    assert parse_model_arg("aux=('atss',)") == ("aux", ("atss",))
+    with pytest.raises(argparse.ArgumentTypeError, match="model-arg"):
+        parse_model_arg("oops")

@@ -411,8 +411,8 @@ def train(
         resume: a checkpoint path, or ``True`` for ``work_dir/latest.pth`` when it exists.
             Model, optimizer, grad scaler, counters, history and every RNG state are restored,
             so the continued run is bit-identical to an uninterrupted one on CPU.
-        recipe: ``{"name": ..., "kwargs": {...}}`` stored in checkpoints so ``labkit eval``
-            can rebuild the model (default: ``model.recipe`` if the model has one).
+        recipe: ``{"name": ..., "kwargs": {...}}`` (or a ``(name, kwargs)`` pair) stored in
+            checkpoints so ``labkit eval`` can rebuild the model; default ``model.recipe``.
 
     Returns:
         A :class:`History`. Raises ``FloatingPointError`` naming the loss that became NaN/inf.
@@ -462,6 +462,8 @@ def train(
         history = History(**ckpt["history"])
         saved_rng = (ckpt["epoch_rng"], ckpt["rng"])
     recipe = recipe if recipe is not None else getattr(model, "recipe", None)
+    if isinstance(recipe, (tuple, list)):  # the heads' recipes record (name, kwargs)
+        recipe = {"name": recipe[0], "kwargs": dict(recipe[1])}
     logger.log(
         {
             "mode": "start",
@@ -475,7 +477,7 @@ def train(
         }
     )
 
-    def checkpoint(name: str, epoch_rng: dict) -> None:
+    def checkpoint(name: str, epoch_rng: dict, rng: dict) -> None:
         state = {
             "labkit_version": labkit.__version__,
             "recipe": recipe,
@@ -486,13 +488,32 @@ def train(
             "epoch": epoch,
             "iter": it,
             "iter_in_epoch": it_in_epoch,
-            "rng": capture_rng(loader),
+            "rng": rng,
             "epoch_rng": epoch_rng,
             "history": dataclasses.asdict(history),
         }
         path = save_checkpoint(work_dir / name, state)
         if name != "latest.pth":
             copy_checkpoint(path, work_dir / "latest.pth")
+
+    def validate() -> None:
+        if val_loader is None or val_dataset is None:
+            return
+        if info.is_main:
+            from labkit.engine import evaluate as evaluate_module
+
+            model.eval()
+            metrics = evaluate_module.evaluate(
+                model, val_loader, val_dataset, device, progress=config.progress
+            )
+            metrics = {"epoch": epoch, "iter": it, **metrics}
+            history.val.append(metrics)
+            logger.log({"mode": "val", **metrics})
+            summary = "  ".join(
+                f"{k} {metrics[k]:.3f}" for k in ("AP", "AP50", "AP75") if k in metrics
+            )
+            bar.write(f"iter {it} (epoch {epoch}): {summary}")
+        dist_utils.barrier()
 
     from tqdm.auto import tqdm
 
@@ -595,33 +616,18 @@ def train(
             # ---- end of epoch: evaluate, then checkpoint (so the saved RNG follows eval)
             epoch, it_in_epoch = epoch + 1, 0
             last = it >= max_iters
-            if val_loader is not None and val_dataset is not None:
-                if epoch % config.eval_every == 0 or last:
-                    if info.is_main:
-                        from labkit.engine import evaluate as evaluate_module
-
-                        model.eval()
-                        metrics = evaluate_module.evaluate(
-                            model, val_loader, val_dataset, device, progress=config.progress
-                        )
-                        metrics = {"epoch": epoch, "iter": it, **metrics}
-                        history.val.append(metrics)
-                        logger.log({"mode": "val", **metrics})
-                        bar.write(
-                            f"epoch {epoch}: "
-                            + "  ".join(
-                                f"{k} {metrics[k]:.3f}"
-                                for k in ("AP", "AP50", "AP75")
-                                if k in metrics
-                            )
-                        )
-                    dist_utils.barrier()
+            if epoch % config.eval_every == 0 or last:
+                validate()
             if writes and (epoch % config.checkpoint_every == 0 or last):
-                checkpoint(f"epoch_{epoch}.pth", capture_rng(loader))
+                checkpoint(f"epoch_{epoch}.pth", capture_rng(loader), capture_rng(loader))
                 saved_at = it
             dist_utils.barrier()
-        if writes and saved_at != it:
-            checkpoint("latest.pth", epoch_rng if epoch_rng is not None else capture_rng(loader))
+        if it_in_epoch > 0 and saved_at != it:
+            # Stopped by max_iters inside an epoch: save first (a continued run needs the RNG
+            # state from before evaluation), then evaluate once.
+            if writes:
+                checkpoint("latest.pth", epoch_rng, capture_rng(loader))
+            validate()
     finally:
         bar.close()
         logger.close()

@@ -1,0 +1,263 @@
+"""``labkit train`` and ``labkit eval``: train a recipe on a dataset, evaluate a checkpoint.
+
+    labkit train --model atss --data shapes --epochs 12 --work-dir work_dirs/atss
+    labkit train --model retinanet --data annotations.json:images/ --image-size 800,1333 --amp
+    labkit eval --checkpoint work_dirs/atss/latest.pth
+    torchrun --nproc_per_node=4 --no-python labkit train --model co_deformable_detr --data shapes
+
+Models come from ``labkit.models.RECIPES`` (name -> recipe function taking ``num_classes``
+and keyword arguments, ``--model-arg backbone=resnet50`` passes them). Checkpoints store the
+recipe name, its arguments, the data spec and the image size, so ``labkit eval`` rebuilds
+the model from the checkpoint alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import random
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+Recipes = Mapping[str, Callable[..., Any]]
+
+
+def _recipes(args: argparse.Namespace) -> Recipes:
+    if args.recipes is not None:
+        return args.recipes
+    from labkit.models import RECIPES  # imported late: models pull in every head
+
+    return RECIPES
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+    """``"512"`` -> ``(512, 512)``; ``"800,1333"`` -> ``(800, 1333)`` (h, w: the resize limits)."""
+    try:
+        parts = [int(p) for p in text.replace("x", ",").split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or min(parts) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"--image-size: expected N or H,W positive ints, got {text!r}"
+        )
+    return parts[0], parts[1]
+
+
+def parse_model_arg(text: str) -> tuple[str, Any]:
+    """``"backbone=resnet50"`` -> ``("backbone", "resnet50")``; values are Python literals when
+    they parse as one (``num_queries=100``, ``aux=("atss",)``), else strings."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"--model-arg: expected KEY=VALUE, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def build_dataset(spec: str, split: str, image_size: tuple[int, int]) -> Any:
+    """The dataset named by ``--data``: ``shapes``, ``trees`` or ``PATH.json[:IMG_DIR]``.
+
+    ``split="train"`` uses the training transforms (random flip), anything else the test
+    transforms. ``trees`` and a COCO file have a single split, used for both. ``IMG_DIR``
+    defaults to the annotation file's folder.
+    """
+    from labkit import data
+
+    transforms = (data.train_transforms if split == "train" else data.test_transforms)(image_size)
+    if spec == "shapes":
+        return data.shapes_dataset("train" if split == "train" else "val", transforms=transforms)
+    if spec == "trees":
+        from labkit.data.trees import trees_dataset
+
+        return trees_dataset(transforms=transforms)
+    ann_file, sep, img_dir = spec.partition(".json:")
+    ann_file = ann_file + ".json" if sep else spec
+    if not ann_file.endswith(".json"):
+        raise ValueError(f"--data: expected 'shapes', 'trees' or PATH.json[:IMG_DIR], got {spec!r}")
+    if not os.path.isfile(ann_file):
+        raise FileNotFoundError(f"--data: no annotation file at {ann_file!r}")
+    return data.CocoDetection(ann_file, img_dir or os.path.dirname(ann_file) or ".", transforms)
+
+
+def _seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from labkit.data import make_loader
+    from labkit.engine.train import TrainConfig, train
+
+    recipes = _recipes(args)
+    if args.model not in recipes:
+        raise SystemExit(
+            f"labkit train: --model: unknown {args.model!r}; choose from {sorted(recipes)}"
+        )
+    _seed_everything(args.seed)
+    train_set = build_dataset(args.data, "train", args.image_size)
+    val_set = (
+        None if args.no_eval else build_dataset(args.val_data or args.data, "val", args.image_size)
+    )
+    kwargs = {"num_classes": train_set.num_classes, **dict(args.model_arg)}
+    model = recipes[args.model](**kwargs)
+    recipe = {
+        "name": args.model,
+        "kwargs": kwargs,
+        "data": args.data,
+        "image_size": list(args.image_size),
+        "classes": list(getattr(train_set, "classes", [])),
+    }
+    overrides = {
+        name: getattr(args, name)
+        for name in (
+            "epochs",
+            "max_iters",
+            "optimizer",
+            "lr",
+            "warmup_iters",
+            "max_norm",
+            "accum_steps",
+            "log_every",
+        )
+        if getattr(args, name) is not None
+    }
+    if args.milestones is not None:
+        overrides["milestones"] = tuple(args.milestones)
+    config = TrainConfig(amp=args.amp, progress=not args.no_progress, **overrides)
+    work_dir = Path(args.work_dir or os.path.join("work_dirs", args.model))
+    train_loader = make_loader(
+        train_set,
+        batch_size=args.batch_size,
+        shuffle=True,
+        num_workers=args.num_workers,
+        seed=args.seed,
+    )
+    val_loader = None
+    if val_set is not None:
+        val_loader = make_loader(val_set, batch_size=args.batch_size, num_workers=args.num_workers)
+    history = train(
+        model,
+        train_loader,
+        config,
+        val_loader=val_loader,
+        val_dataset=val_set,
+        work_dir=work_dir,
+        device=args.device,
+        resume=args.resume,
+        recipe=recipe,
+    )
+    from labkit.engine import distributed
+
+    if distributed.is_main_process():
+        print(f"trained {len(history.train)} iterations; logs and checkpoints in {work_dir}")
+        if history.val:
+            from labkit.engine.evaluate import format_table
+
+            print(format_table(history.val[-1]))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import labkit
+    from labkit.data import make_loader
+    from labkit.engine import evaluate as evaluate_module
+    from labkit.engine.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(args.checkpoint)
+    recipe = ckpt.get("recipe") or {}
+    if "name" not in recipe:
+        raise SystemExit(
+            f"labkit eval: {args.checkpoint} stores no model recipe (saved outside `labkit train` "
+            "without recipe=...); load it in Python with labkit.engine.checkpoint.load_checkpoint"
+        )
+    recipes = _recipes(args)
+    if recipe["name"] not in recipes:
+        raise SystemExit(
+            f"labkit eval: the checkpoint's model {recipe['name']!r} is not a known recipe"
+        )
+    spec = args.data or recipe.get("data")
+    if spec is None:
+        raise SystemExit(
+            "labkit eval: pass --data (the checkpoint does not say which data it used)"
+        )
+    image_size = args.image_size or tuple(recipe.get("image_size", (512, 512)))
+    dataset = build_dataset(spec, "val", image_size)
+    model = recipes[recipe["name"]](**recipe.get("kwargs", {}))
+    load_checkpoint(args.checkpoint, model)
+    device = labkit.device(args.device)
+    model.to(device)
+    loader = make_loader(dataset, batch_size=args.batch_size, num_workers=args.num_workers)
+    metrics = evaluate_module.evaluate(
+        model, loader, dataset, device, progress=not args.no_progress
+    )
+    print(evaluate_module.format_table(metrics))
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(metrics, indent=1))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction, recipes: Recipes | None = None) -> None:
+    """Add ``train`` and ``eval`` to the ``labkit`` command (``recipes`` replaces
+    ``labkit.models.RECIPES``, for tests and custom model zoos)."""
+    train = subparsers.add_parser("train", help="train a detector recipe on a dataset")
+    train.add_argument("--model", required=True, help="recipe name in labkit.models.RECIPES")
+    train.add_argument("--data", default="shapes", help="shapes | trees | PATH.json[:IMG_DIR]")
+    train.add_argument(
+        "--val-data", default=None, help="evaluation data (default: --data's val split)"
+    )
+    train.add_argument(
+        "--model-arg", action="append", type=parse_model_arg, default=[], metavar="KEY=VALUE"
+    )
+    train.add_argument("--epochs", type=int, default=None)
+    train.add_argument(
+        "--max-iters", type=int, default=None, help="optimizer steps (overrides --epochs)"
+    )
+    train.add_argument("--batch-size", type=int, default=2, help="images per GPU/process")
+    train.add_argument("--optimizer", choices=("sgd", "adamw"), default=None)
+    train.add_argument("--lr", type=float, default=None)
+    train.add_argument("--warmup-iters", type=int, default=None)
+    train.add_argument(
+        "--milestones", type=int, nargs="*", default=None, help="epochs where lr *= 0.1"
+    )
+    train.add_argument("--max-norm", type=float, default=None, help="gradient clipping (L2)")
+    train.add_argument("--accum-steps", type=int, default=None, help="gradient accumulation")
+    train.add_argument("--log-every", type=int, default=None)
+    train.add_argument("--image-size", type=parse_image_size, default=(512, 512), metavar="H[,W]")
+    train.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    train.add_argument("--device", default="auto")
+    train.add_argument("--num-workers", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--work-dir", default=None, help="default: work_dirs/MODEL")
+    train.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue from CHECKPOINT, or from WORK_DIR/latest.pth when given alone",
+    )
+    train.add_argument("--no-eval", action="store_true", help="skip COCO evaluation after epochs")
+    train.add_argument("--no-progress", action="store_true")
+    train.set_defaults(func=_cmd_train, recipes=recipes)
+
+    ev = subparsers.add_parser("eval", help="COCO-evaluate a checkpoint saved by `labkit train`")
+    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--data", default=None, help="default: the data the checkpoint was trained on")
+    ev.add_argument("--image-size", type=parse_image_size, default=None, metavar="H[,W]")
+    ev.add_argument("--batch-size", type=int, default=2)
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--num-workers", type=int, default=0)
+    ev.add_argument("--output", default=None, help="also write the metrics as JSON here")
+    ev.add_argument("--no-progress", action="store_true")
+    ev.set_defaults(func=_cmd_eval, recipes=recipes)
