@@ -94,7 +94,8 @@ def test_notebook_is_a_runnable_lesson(path):
     tree = ast.parse(tagged[0].source)
     assigned = {}
     for stmt in tree.body:
-        assert isinstance(stmt, ast.Assign) and len(stmt.targets) == 1, (
+        simple = isinstance(stmt, ast.Assign) and len(stmt.targets) == 1
+        assert simple and isinstance(stmt.targets[0], ast.Name), (
             f"{path.name}: the parameters cell may only hold simple assignments"
         )
         assigned[stmt.targets[0].id] = ast.literal_eval(stmt.value)
@@ -102,6 +103,7 @@ def test_notebook_is_a_runnable_lesson(path):
         f"{path.name}: parameters cell must define exactly {PARAMETERS}, got {assigned}"
     )
 
+    assert len(code) >= 2, f"{path.name}: the parameters cell must be followed by a setup cell"
     calls = [
         node
         for node in ast.walk(ast.parse(code[1].source))
