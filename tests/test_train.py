@@ -347,7 +347,7 @@ def test_stopping_inside_an_epoch_still_evaluates_once(monkeypatch):
         val_dataset="V",
         device="cpu",
     )
-    assert len(calls) == 1 and hist.val[0]["iter"] == 3 and hist.val[0]["epoch"] == 0
+    assert len(calls) == 1 and hist.val[0]["iter"] == 3 and hist.val[0]["epoch"] == 1
 
 
 def _cli(argv, recipes, monkeypatch):

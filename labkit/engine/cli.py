@@ -103,11 +103,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise SystemExit(
             f"labkit train: --model: unknown {args.model!r}; choose from {sorted(recipes)}"
         )
+    from labkit.engine import distributed
+
     _seed_everything(args.seed)
+    # Under torchrun, rank 0 generates/caches the data first; the others wait, then read it.
+    info = distributed.init_distributed()
+    if not info.is_main:
+        distributed.barrier()
     train_set = build_dataset(args.data, "train", args.image_size)
     val_set = (
         None if args.no_eval else build_dataset(args.val_data or args.data, "val", args.image_size)
     )
+    if info.is_main:
+        distributed.barrier()
     kwargs = {"num_classes": train_set.num_classes, **dict(args.model_arg)}
     model = recipes[args.model](**kwargs)
     recipe = {
@@ -156,9 +164,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         resume=args.resume,
         recipe=recipe,
     )
-    from labkit.engine import distributed
-
-    if distributed.is_main_process():
+    if info.is_main:
         print(f"trained {len(history.train)} iterations; logs and checkpoints in {work_dir}")
         if history.val:
             from labkit.engine.evaluate import format_table

@@ -423,8 +423,8 @@ def train(
             f"model: expected a detector with a loss(batch) method, got {type(model).__name__}"
         )
     info = dist_utils.init_distributed()
-    if info.enabled and torch.cuda.is_available() and device in (None, "auto"):
-        device = torch.device("cuda", info.local_rank)
+    if info.enabled and torch.cuda.is_available() and device in (None, "auto", "cuda"):
+        device = torch.device("cuda", info.local_rank)  # one GPU per process
     device = labkit.device(device)
     model.to(device)
     loader = dist_utils.shard_loader(train_loader, config.sampler_seed)
@@ -506,7 +506,9 @@ def train(
             metrics = evaluate_module.evaluate(
                 model, val_loader, val_dataset, device, progress=config.progress
             )
-            metrics = {"epoch": epoch, "iter": it, **metrics}
+            # 1-based epoch the evaluated weights belong to (the one just finished, or the
+            # unfinished one when max_iters stopped inside it).
+            metrics = {"epoch": epoch + (it_in_epoch > 0), "iter": it, **metrics}
             history.val.append(metrics)
             logger.log({"mode": "val", **metrics})
             summary = "  ".join(
