@@ -7,7 +7,7 @@ import os
 import torch
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "device"]
+__all__ = ["__version__", "device", "show_source"]
 
 
 def device(preference: str | torch.device | None = None) -> torch.device:
@@ -33,3 +33,13 @@ def device(preference: str | torch.device | None = None) -> torch.device:
     if chosen.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: {preference!r} was asked for but CUDA is not available here")
     return chosen
+
+
+def __getattr__(name: str):
+    # Notebooks write ``labkit.show_source(fn)``; the notebook module (IPython, matplotlib) is
+    # imported only when that is first used, so ``import labkit`` stays light.
+    if name == "show_source":
+        from labkit.notebook import show_source
+
+        return show_source
+    raise AttributeError(f"module 'labkit' has no attribute {name!r}")
