@@ -528,7 +528,7 @@ def train(
     try:
         while it < max_iters:
             # ---- start (or resume) an epoch: fix the sampler order, then the RNG streams
-            if isinstance(loader.sampler, DistributedSampler):
+            if isinstance(getattr(loader, "sampler", None), DistributedSampler):
                 loader.sampler.set_epoch(epoch)
             if saved_rng is not None and it_in_epoch > 0:
                 # Mid-epoch resume: replay the epoch's shuffle, skip what was consumed,
