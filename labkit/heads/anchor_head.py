@@ -162,6 +162,11 @@ class AnchorHead(DenseHead):
         inside = anchor_inside_flags(
             flat_anchors, valid_flags, tuple(img_meta["img_shape"][:2]), self.allowed_border
         )
+        if not inside.any():
+            raise ValueError(
+                "img_meta: no valid anchor lies inside the image boundary; check the image "
+                "size and anchor sizes, or set allowed_border=-1 to skip the check"
+            )
         anchors = flat_anchors[inside]
         split = torch.split(inside, num_level_anchors)
         num_level_inside = [int(s.sum()) for s in split]

@@ -268,12 +268,13 @@ class PAAHead(ATSSHead):
         t = self.targets_for(
             cls_scores, batch_gt_bboxes, batch_gt_labels, batch_img_metas, batch_gt_bboxes_ignore
         )
-        candidates = self._candidates(t, cls_scores, bbox_preds)
         labels, label_weights, num_pos = [], [], 0
+        # the candidate losses only steer the assignment: no gradient flows through them
         with torch.no_grad():
+            candidates = self._candidates(t, cls_scores, bbox_preds)
             for i, cand in enumerate(candidates):
                 lab, lw, _, n = paa_reassign(
-                    cand.pos_losses.detach(),
+                    cand.pos_losses,
                     t.labels[i],
                     t.label_weights[i],
                     t.bbox_weights[i],
