@@ -387,7 +387,9 @@ def test_cli_train_then_eval_rebuilds_the_model_from_the_checkpoint(tmp_path, mo
 
     def tiny(num_classes, width=8):
         built.append((num_classes, width))
-        return TinyDetector()
+        model = TinyDetector()
+        model.train_config = {"optimizer": "adamw", "lr": 1e-4, "max_norm": 1.0}
+        return model
 
     recipes = {"tiny": tiny}
     work = tmp_path / "run"
@@ -412,6 +414,9 @@ def test_cli_train_then_eval_rebuilds_the_model_from_the_checkpoint(tmp_path, mo
         "classes": ["square"],
     }
     assert ckpt["epoch"] == 2 and tuple(ckpt["config"]["milestones"]) == (8, 11)
+    # The recipe's own schedule is the base, the --lr flag overrides it.
+    assert ckpt["config"]["optimizer"] == "adamw" and ckpt["config"]["max_norm"] == 1.0
+    assert ckpt["config"]["lr"] == 0.01
     out = capsys.readouterr().out
     assert "trained 4 iterations" in out and "AP 0.5" in out
     metrics_file = tmp_path / "m.json"

@@ -6,7 +6,9 @@
     torchrun --nproc_per_node=4 --no-python labkit train --model co_deformable_detr --data shapes
 
 Models come from ``labkit.models.RECIPES`` (name -> recipe function taking ``num_classes``
-and keyword arguments, ``--model-arg backbone=resnet50`` passes them). Checkpoints store the
+and keyword arguments, ``--model-arg backbone=resnet50`` passes them). A model may carry its
+default schedule as ``model.train_config`` (a ``TrainConfig`` or a dict of its fields);
+flags such as ``--lr`` override it. Checkpoints store the
 recipe name, its arguments, the data spec and the image size, so ``labkit eval`` rebuilds
 the model from the checkpoint alone.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import json
 import os
 import random
@@ -141,7 +144,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     }
     if args.milestones is not None:
         overrides["milestones"] = tuple(args.milestones)
-    config = TrainConfig(amp=args.amp, progress=not args.no_progress, **overrides)
+    # A recipe may carry its paper's schedule (e.g. AdamW 2e-4, clip 0.1, lr_mult for DETRs)
+    # as ``model.train_config``; command-line flags override it.
+    base = getattr(model, "train_config", None)
+    if isinstance(base, dict):
+        base = TrainConfig(**base)
+    config = dataclasses.replace(
+        base or TrainConfig(), amp=args.amp, progress=not args.no_progress, **overrides
+    )
     work_dir = Path(args.work_dir or os.path.join("work_dirs", args.model))
     train_loader = make_loader(
         train_set,
