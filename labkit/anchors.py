@@ -304,12 +304,28 @@ class AnchorGenerator:
             A list of ``BoolTensor[H_l * W_l * A_l]``, ordered like :meth:`grid_priors`.
         """
         sizes = _check_featmap_sizes(featmap_sizes, self.num_levels)
-        flags = []
-        for i, size in enumerate(sizes):
-            valid = _grid_valid(size, _valid_size(size, self.strides[i], pad_shape), device)
-            num_base = self.num_base_anchors[i]
-            flags.append(valid[:, None].expand(valid.shape[0], num_base).reshape(-1))
-        return flags
+        return [
+            self.single_level_valid_flags(
+                size,
+                _valid_size(size, self.strides[i], pad_shape),
+                self.num_base_anchors[i],
+                device,
+            )
+            for i, size in enumerate(sizes)
+        ]
+
+    def single_level_valid_flags(
+        self,
+        featmap_size: tuple[int, int],
+        valid_size: tuple[int, int],
+        num_base_anchors: int,
+        device: torch.device | str = "cpu",
+    ) -> Tensor:
+        """``BoolTensor[H * W * A]``: True for anchors of the first ``valid_size = (h, w)`` cells."""
+        if valid_size[0] > featmap_size[0] or valid_size[1] > featmap_size[1]:
+            raise ValueError(f"valid_size: {valid_size} exceeds featmap_size {featmap_size}")
+        valid = _grid_valid(featmap_size, valid_size, device)
+        return valid[:, None].expand(valid.shape[0], num_base_anchors).reshape(-1)
 
     def __repr__(self) -> str:
         return (
@@ -430,9 +446,22 @@ class PointGenerator:
         """``BoolTensor[H_l * W_l]`` per level: cells inside this image's ``pad_shape`` (h, w)."""
         sizes = _check_featmap_sizes(featmap_sizes, self.num_levels)
         return [
-            _grid_valid(size, _valid_size(size, self.strides[i], pad_shape), device)
+            self.single_level_valid_flags(
+                size, _valid_size(size, self.strides[i], pad_shape), device
+            )
             for i, size in enumerate(sizes)
         ]
+
+    def single_level_valid_flags(
+        self,
+        featmap_size: tuple[int, int],
+        valid_size: tuple[int, int],
+        device: torch.device | str = "cpu",
+    ) -> Tensor:
+        """``BoolTensor[H * W]``: True for the first ``valid_size = (h, w)`` cells."""
+        if valid_size[0] > featmap_size[0] or valid_size[1] > featmap_size[1]:
+            raise ValueError(f"valid_size: {valid_size} exceeds featmap_size {featmap_size}")
+        return _grid_valid(featmap_size, valid_size, device)
 
     def sparse_priors(
         self,

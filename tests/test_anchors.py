@@ -275,3 +275,14 @@ def test_generator_bad_input():
         gen.valid_flags([(4, 4)] * 4, (32, 32))
     with pytest.raises(ValueError, match="featmap_sizes"):
         PointGenerator([8]).grid_priors([(4, 4, 4)])
+
+
+def test_single_level_valid_flags():
+    gen = AnchorGenerator(strides=[8], ratios=[1.0], scales=[1.0, 2.0])
+    flags = gen.single_level_valid_flags((2, 3), (1, 2), 2)
+    assert flags.tolist() == [True, True, True, True, False, False] + [False] * 6
+    assert PointGenerator([8]).single_level_valid_flags((2, 3), (2, 1)).tolist() == [
+        True, False, False, True, False, False,
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="valid_size"):
+        gen.single_level_valid_flags((2, 3), (3, 3), 2)
