@@ -78,20 +78,34 @@ class GMM1D:
 
 
 def _design(x: Tensor, mask: Tensor) -> Tensor:
-    """``[K, M, 3]`` rows ``(1, x, x^2)``, zero on padding: the E-step's and M-step's operand."""
+    """``[K, M, 3]`` rows ``(1, x, x^2)``, zero on padding: the M-step's operand."""
     xd = torch.where(mask, x.to(torch.float64), 0.0)
     return torch.stack([mask.to(torch.float64), xd, xd * xd], dim=2)
 
 
-def _coefficients(weights: Tensor, means: Tensor, variances: Tensor) -> Tensor:
-    """``[K, 3, 2]`` so that ``(1, x, x^2) @ coef`` = log(weight) + log N(x | mean, variance).
+def _coefficients(weights: Tensor, means: Tensor, variances: Tensor) -> tuple[Tensor, ...]:
+    """``(c0, c1, c2)``, each ``[K, 2]``: ``c0 + c1 x + c2 x^2 = log w + log N(x | mean, var)``.
 
-    ``log w - log(2 pi) / 2 + log(prec) / 2 - prec (x - mean)^2 / 2`` expanded in powers of
-    ``x`` -- scikit-learn's ``diag``/``spherical`` likelihood does the same expansion.
+    ``(log(w^2 prec) - log(2 pi) - mean^2 prec) / 2 + mean prec x - prec x^2 / 2`` -- the
+    quadratic expanded in powers of ``x``, as scikit-learn does for ``diag``/``spherical``.
     """
-    prec = 1.0 / variances
-    const = torch.log(weights) + 0.5 * torch.log(prec) - 0.5 * _LOG_2PI - 0.5 * means * means * prec
-    return torch.stack([const, means * prec, -0.5 * prec], dim=1)
+    prec = variances.reciprocal()
+    mean_prec = means * prec
+    const = 0.5 * (torch.log(weights * weights * prec) - means * mean_prec - _LOG_2PI)
+    return const, mean_prec, -0.5 * prec
+
+
+def _component_log_probs(x: Tensor, x_sq: Tensor, coef: tuple[Tensor, ...]) -> list[Tensor]:
+    """``[log w_c + log N(x | c)]`` for c = 0, 1, each ``[K, M]``.
+
+    Two ``[K, M]`` tensors rather than one ``[K, M, 2]``: reductions over a last dimension of
+    size 2 (softmax, logsumexp) are an order of magnitude slower on the CPU than these.
+    """
+    c0, c1, c2 = coef
+    return [
+        torch.addcmul(torch.addcmul(c0[:, c : c + 1], x, c1[:, c : c + 1]), x_sq, c2[:, c : c + 1])
+        for c in (0, 1)
+    ]
 
 
 def _m_step(stats: Tensor, sum_x2: Tensor, cov_type: str, reg_covar: float):
@@ -105,10 +119,6 @@ def _m_step(stats: Tensor, sum_x2: Tensor, cov_type: str, reg_covar: float):
         # full, diag and spherical coincide in one dimension.
         variances = stats[..., 2] / nk - means * means + reg_covar
     return nk / nk.sum(1, keepdim=True), means, variances
-
-
-def _log_prob(design: Tensor, weights: Tensor, means: Tensor, variances: Tensor) -> Tensor:
-    return torch.bmm(design, _coefficients(weights, means, variances))  # [K, M, 2]
 
 
 def fit_gmm_1d(
@@ -151,93 +161,105 @@ def fit_gmm_1d(
     elif mask.shape != x.shape or mask.dtype != torch.bool:
         raise ValueError(f"mask: expected a bool tensor of shape {tuple(x.shape)}")
     num, device, f64 = x.shape[0], x.device, torch.float64
-    design = _design(x, mask)  # [K, M, 3]
-    counts = design[:, :, 0].sum(1)
-    sum_x2 = design[:, :, 2].sum(1)
+    # Per-sample planes (1, x, x^2) as [K, 3, M] (contiguous rows for the E-step) and, per
+    # mixture, one packed state row so that dropping finished mixtures is one index_select:
+    # weights 0:2 | means 2:4 | variances 4:6 | previous bound 6 | count 7 | sum x^2 8 | id 9.
+    planes = _design(x, mask).transpose(1, 2).contiguous()
     if means_init is None:
         lo = torch.where(mask, x, math.inf).amin(1)
         hi = torch.where(mask, x, -math.inf).amax(1)
         means_init = torch.stack([lo, hi], 1)
-    means = means_init.to(device, f64).reshape(num, 2)
     weights = (
         torch.full((num, 2), 0.5, dtype=f64, device=device)
         if weights_init is None
         else weights_init.to(device, f64).reshape(num, 2)
     )
     variances = 1.0 / torch.as_tensor(precisions_init, dtype=f64, device=device).expand(num, 2)
-
-    out_w, out_mu, out_var = (torch.empty((num, 2), dtype=f64, device=device) for _ in range(3))
+    state = torch.cat(
+        [
+            weights,
+            means_init.to(device, f64).reshape(num, 2),
+            variances,
+            torch.full((num, 1), -math.inf, dtype=f64, device=device),
+            planes[:, 0].sum(1, keepdim=True),
+            planes[:, 2].sum(1, keepdim=True),
+            torch.arange(num, dtype=f64, device=device)[:, None],
+        ],
+        1,
+    )
+    out = torch.empty((num, 10), dtype=f64, device=device)
     out_iter = torch.zeros(num, dtype=torch.long, device=device)
-    out_bound = torch.full((num,), -math.inf, dtype=f64, device=device)
     converged = torch.zeros(num, dtype=torch.bool, device=device)
-    rows = torch.arange(num, device=device)  # the mixtures still iterating
-    prev = torch.full((num,), -math.inf, dtype=f64, device=device)
     for it in range(1, max_iter + 1):
-        if rows.numel() == 0:
+        if state.shape[0] == 0:
             break
-        log_prob = _log_prob(design, weights, means, variances)  # E-step
-        log_norm = torch.logaddexp(log_prob[..., 0], log_prob[..., 1])  # [k, M]
-        bound = (log_norm * design[:, :, 0]).sum(1) / counts
-        resp = torch.exp(log_prob - log_norm[..., None])
-        stats = torch.bmm(resp.transpose(1, 2), design)  # [k, 2, 3]; padding rows are zero
-        weights, means, variances = _m_step(stats, sum_x2, covariance_type, reg_covar)
+        # E-step with the current parameters.
+        maskf, xd, x_sq = planes.unbind(1)
+        coef = _coefficients(state[:, 0:2], state[:, 2:4], state[:, 4:6])
+        lp0, lp1 = _component_log_probs(xd, x_sq, coef)
+        log_norm = torch.logaddexp(lp0, lp1)  # [k, M]
+        bound = (log_norm * maskf).sum(1) / state[:, 7]
+        resp = torch.stack([torch.exp(lp0 - log_norm), torch.exp(lp1 - log_norm)], 1)
+        # M-step: stats[k, c] = sum_i resp_ic (1, x_i, x_i^2); padding planes are zero.
+        stats = torch.bmm(resp, planes.transpose(1, 2))  # [k, 2, 3]
+        new = _m_step(stats, state[:, 8], covariance_type, reg_covar)
         # Each mixture stops on its own, as separate scikit-learn fits would.
-        done = (bound - prev).abs() < tol
-        prev = bound
-        if it == max_iter:
-            finished = torch.ones_like(done)
-        else:
-            finished = done
+        done = (bound - state[:, 6]).abs() < tol
+        state = torch.cat([*new, bound[:, None], state[:, 7:]], 1)
+        finished = torch.ones_like(done) if it == max_iter else done
         if not bool(finished.any()):
             continue
-        idx = rows[finished]
-        out_w[idx], out_mu[idx], out_var[idx] = (
-            weights[finished],
-            means[finished],
-            variances[finished],
-        )
-        out_iter[idx], out_bound[idx], converged[idx] = it, bound[finished], done[finished]
-        keep = ~finished
-        rows, design, counts, sum_x2, prev = (
-            rows[keep],
-            design[keep],
-            counts[keep],
-            sum_x2[keep],
-            prev[keep],
-        )
-        weights, means, variances = weights[keep], means[keep], variances[keep]
-    if not bool((out_var > 0).all()):
+        fin = finished.nonzero().squeeze(1)
+        ids = state[fin, 9].long()
+        out[ids] = state[fin]
+        out_iter[ids] = it
+        converged[ids] = done[fin]
+        keep = (~finished).nonzero().squeeze(1)
+        state, planes = state.index_select(0, keep), planes.index_select(0, keep)
+    variances = out[:, 4:6]
+    if not bool((variances > 0).all()):
         raise ValueError(
             "x: a mixture has a non-positive variance (collapsed samples); "
             "increase reg_covar or rescale the data"
         )
     return GMM1D(
         covariance_type,
-        out_w,
-        out_mu,
-        out_var,
-        1.0 / torch.sqrt(out_var),
+        out[:, 0:2],
+        out[:, 2:4],
+        variances,
+        1.0 / torch.sqrt(variances),
         out_iter,
         converged,
-        out_bound,
+        out[:, 6],
     )
 
 
 def gmm_log_prob(gmm: GMM1D, x: Tensor) -> Tensor:
     """``log(weight_c) + log N(x | component c)`` for ``x: Tensor[K, M]`` -> ``Tensor[K, M, 2]``."""
-    design = _design(x, torch.ones_like(x, dtype=torch.bool))
-    return _log_prob(design, gmm.weights, gmm.means, gmm.variances)
+    xd = x.to(torch.float64)
+    coef = _coefficients(gmm.weights, gmm.means, gmm.variances)
+    return torch.stack(_component_log_probs(xd, xd * xd, coef), dim=2)
 
 
 def gmm_predict(gmm: GMM1D, x: Tensor) -> Tensor:
     """Most likely component (0 or 1; 0 wins ties) of each ``x: Tensor[K, M]`` -> ``LongTensor[K, M]``."""
-    return gmm_log_prob(gmm, x).argmax(-1)
+    lp0, lp1 = _component_log_probs(
+        *_powers(x), _coefficients(gmm.weights, gmm.means, gmm.variances)
+    )
+    return (lp1 > lp0).long()
 
 
 def gmm_score_samples(gmm: GMM1D, x: Tensor) -> Tensor:
     """Log-likelihood of each ``x: Tensor[K, M]`` under its row's mixture -> ``Tensor[K, M]``."""
-    log_prob = gmm_log_prob(gmm, x)
-    return torch.logaddexp(log_prob[..., 0], log_prob[..., 1])
+    lp0, lp1 = _component_log_probs(
+        *_powers(x), _coefficients(gmm.weights, gmm.means, gmm.variances)
+    )
+    return torch.logaddexp(lp0, lp1)
+
+
+def _powers(x: Tensor) -> tuple[Tensor, Tensor]:
+    xd = x.to(torch.float64)
+    return xd, xd * xd
 
 
 def sklearn_precisions_init(covariance_type: str) -> np.ndarray:
