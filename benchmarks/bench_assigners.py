@@ -42,16 +42,15 @@ def main() -> None:
     )
     rows = []
     for name, assign in assigners.items():
-        for g, lab in zip(gts[:1], labels[:1]):
-            assign(g, lab)  # warm-up
+        assign(gts[0], labels[0])  # warm-up
         sync(args.device)
         start = time.perf_counter()
         num_pos = 0
-        for g, lab in zip(gts, labels):
+        for g, lab in zip(gts, labels, strict=True):
             num_pos += int((assign(g, lab).gt_inds > 0).sum())
         sync(args.device)
         per_image = (time.perf_counter() - start) / num_images
-        mem = peak_memory_mb(lambda: assign(gts[0], labels[0]), args.device)
+        mem = peak_memory_mb(lambda a=assign: a(gts[0], labels[0]), args.device)
         rows.append([name, per_image * 1e3, num_pos / (num_images * num_gts), mem])
     print_table(
         f"Assignment per image ({len(priors)} anchors, {num_gts} GTs, batch of {num_images})",
