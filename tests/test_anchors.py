@@ -286,3 +286,48 @@ def test_single_level_valid_flags():
     ]  # fmt: skip
     with pytest.raises(ValueError, match="valid_size"):
         gen.single_level_valid_flags((2, 3), (3, 3), 2)
+
+
+# ----------------------------------------------------------------------------- notebook helpers
+
+
+def test_anchor_statistics_for_plots():
+    from labkit.viz import anchors as anchor_viz
+
+    gen = AnchorGenerator(strides=[16], ratios=[1.0], scales=[2.0])  # 32 x 32 anchors
+    # a ground truth equal to the anchor of cell (row 1, col 2) has IoU 1 exactly there
+    maps = anchor_viz.iou_per_cell(gen, [(4, 4)], T([16.0, 0.0, 48.0, 32.0]))
+    assert maps[0].shape == (4, 4)
+    assert maps[0][1, 2].item() == 1.0 and maps[0].max().item() == 1.0
+    # IoU of that anchor with a shifted copy one cell over: overlap 16 x 32, union 48 x 32
+    assert maps[0][1, 1].item() == pytest.approx(1 / 3)
+    rows = anchor_viz.positives_by_size(gen, (64, 64), [8, 32], num_boxes=5)
+    # an 8 x 8 object inside a 32 x 32 anchor has IoU <= 64 / 1024: never positive
+    assert rows[0]["mean_pos"] == 0 and rows[0]["zero_pos"] == 1.0
+    assert rows[0]["mean_max_iou"] <= 64 / 1024 + 1e-6
+    assert rows[1]["mean_pos"] >= 1
+
+
+def test_anchor_plots_draw_without_error():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from labkit.viz import anchors as anchor_viz
+
+    gen = AnchorGenerator(strides=[16, 32], ratios=[0.5, 1.0, 2.0], scales=[1.0, 2.0])
+    sizes = featmap_sizes_from_shape((64, 96), gen.strides)
+    img = torch.rand(3, 64, 96)
+    ax = anchor_viz.plot_base_anchors(gen, level=1)
+    assert len(ax.patches) == 6
+    _, axes = anchor_viz.plot_level_grids(img, gen, sizes, size=1.5)
+    assert len(axes) == 2
+    flags = gen.valid_flags(sizes, (40, 64))
+    anchor_viz.plot_valid_flags(flags, gen, sizes, (40, 64), size=1.5)
+    anchor_viz.plot_iou_heatmaps(
+        gen, sizes, T([10.0, 10.0, 40.0, 30.0]), img=img, window=48, size=1.5
+    )
+    rows = anchor_viz.positives_by_size(gen, (64, 96), [16, 32], num_boxes=3)
+    anchor_viz.plot_positives_by_size(rows)
+    plt.close("all")
