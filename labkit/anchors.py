@@ -169,14 +169,12 @@ class AnchorGenerator:
             scales = [
                 2 ** (i / scales_per_octave) * octave_base_scale for i in range(scales_per_octave)
             ]
-        if len(scales) == 0 or len(ratios) == 0:
-            raise ValueError(f"scales, ratios: need at least one each, got {scales}, {ratios}")
-        if min(ratios) <= 0 or min(scales) <= 0:
-            raise ValueError(
-                f"scales, ratios: must be positive, got {list(scales)}, {list(ratios)}"
-            )
-        self.scales = torch.tensor(list(scales), dtype=torch.float32)
-        self.ratios = torch.tensor(list(ratios), dtype=torch.float32)
+        # float32, as mmdetection stores them (torch.Tensor(...)); lists, tuples, arrays or tensors
+        self.scales = torch.as_tensor(scales, dtype=torch.float32).reshape(-1).cpu()
+        self.ratios = torch.as_tensor(ratios, dtype=torch.float32).reshape(-1).cpu()
+        for name, values in (("scales", self.scales), ("ratios", self.ratios)):
+            if values.numel() == 0 or not bool((values > 0).all()) or not values.isfinite().all():
+                raise ValueError(f"{name}: expected positive finite numbers, got {values.tolist()}")
         self.octave_base_scale = octave_base_scale
         self.scales_per_octave = scales_per_octave
         self.scale_major = scale_major
