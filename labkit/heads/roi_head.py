@@ -217,7 +217,7 @@ class Shared2FCBBoxHead(nn.Module):
         if rescale and boxes.shape[0] > 0:
             sw, sh = scale_factor_wh(img_meta)
             boxes = boxes * boxes.new_tensor([1 / sw, 1 / sh, 1 / sw, 1 / sh])
-        return multiclass_nms(boxes.view(num_rois, -1), scores, cfg)
+        return multiclass_nms(boxes.reshape(num_rois, 4 * k), scores, cfg)
 
 
 def multiclass_nms(
@@ -236,7 +236,7 @@ def multiclass_nms(
     num_classes = multi_scores.shape[1] - 1
     n = multi_scores.shape[0]
     if multi_bboxes.shape[1] > 4:
-        bboxes = multi_bboxes.view(n, -1, 4)
+        bboxes = multi_bboxes.reshape(n, multi_bboxes.shape[1] // 4, 4)
     else:
         bboxes = multi_bboxes[:, None].expand(n, num_classes, 4)
     scores = multi_scores[:, :-1]
