@@ -81,7 +81,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device: {describe_device(device)}\n")
     print_table(
         "Pairwise IoU (anchors x ground truths)",
-        ["implementation", "size", "time (ms)", "speed vs torchvision", "peak MiB", "max |diff|"],
+        [
+            "implementation",
+            "size",
+            "time (ms)",
+            "speed vs torchvision",
+            "peak MiB",
+            "max |labkit - torchvision|",
+        ],
         bench_iou(num_anchors, 100, device, repeat),
     )
     print_table(
