@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
             "time (ms)",
             "speed vs torchvision",
             "peak MiB",
-            "max |labkit - torchvision|",
+            "max abs diff vs torchvision",
         ],
         bench_iou(num_anchors, 100, device, repeat),
     )
