@@ -1,4 +1,5 @@
-"""DDP on CPU: two gloo processes through the real train loop match one process on the global batch.
+"""DDP on CPU: two gloo processes through the real train loop match one process on the global
+batch, with and without gradient accumulation.
 
 Equality to single-process training is checked to 1e-12 in float64, not bitwise: DDP averages
 two per-rank mean gradients ((g0 + g1) / 2) while one process averages eight samples at once,
@@ -8,6 +9,7 @@ identical, since both apply the same all-reduced gradient.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 
@@ -79,8 +81,16 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         loader = DataLoader(dataset(), batch_size=PER_RANK_BATCH, collate_fn=collate)
         work_dir = os.path.join(out_dir, "work")
         hist = train(model, loader, config(), device="cpu", work_dir=work_dir)
+        # Same global batch again, as 2 micro-batches of 2 per rank (DDP no_sync path).
+        accum_model = Regressor()
+        small = DataLoader(dataset(), batch_size=PER_RANK_BATCH // 2, collate_fn=collate)
+        train(accum_model, small, dataclasses.replace(config(), accum_steps=2), device="cpu")
         torch.save(
-            {"params": model.state_dict(), "losses": [r["loss"] for r in hist.train]},
+            {
+                "params": model.state_dict(),
+                "accum_params": accum_model.state_dict(),
+                "losses": [r["loss"] for r in hist.train],
+            },
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
     finally:
@@ -113,6 +123,10 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     # Logged losses are float32 summaries, hence the looser tolerance.
     assert ranks[0]["losses"] == pytest.approx([r["loss"] for r in hist.train], rel=1e-6)
     assert not torch.equal(single.head.weight, Regressor().head.weight)  # it did train
+    for key, value in single.state_dict().items():
+        torch.testing.assert_close(
+            ranks[0]["accum_params"][key], value, rtol=0, atol=1e-12, msg=key
+        )
     # Only rank 0 wrote the log and checkpoints.
     assert sorted(p.name for p in (tmp_path / "work").iterdir()) == [
         "epoch_1.pth",
