@@ -87,6 +87,7 @@ def quiet(**kw):
     return TrainConfig(**{**base, **kw})
 
 
+@pytest.mark.slow
 def test_loss_decreases():
     torch.manual_seed(0)
     model = TinyDetector()

@@ -604,7 +604,8 @@ def train(
                     if key not in ("iter", "epoch", "lr"):
                         window.setdefault(key, []).append(value)
                 bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
+                running = sum(window["loss"]) / len(window["loss"])  # mean since the last log line
+                bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.2e}", refresh=False)
                 if it % config.log_every == 0 or it == max_iters:
                     line = {"mode": "train", "iter": it, "epoch": epoch + 1, "lr": lr}
                     line.update({k: sum(v) / len(v) for k, v in window.items()})
