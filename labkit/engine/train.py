@@ -410,7 +410,10 @@ def train(
             process uses ``cuda:LOCAL_RANK``.
         resume: a checkpoint path, or ``True`` for ``work_dir/latest.pth`` when it exists.
             Model, optimizer, grad scaler, counters, history and every RNG state are restored,
-            so the continued run is bit-identical to an uninterrupted one on CPU.
+            so the continued run is bit-identical to an uninterrupted one on CPU. Under DDP
+            the data order, model and optimizer resume exactly; every rank gets rank 0's RNG
+            streams (dropout, augmentation) back, and CUDA kernels are not bitwise
+            deterministic anyway.
         recipe: ``{"name": ..., "kwargs": {...}}`` (or a ``(name, kwargs)`` pair) stored in
             checkpoints so ``labkit eval`` can rebuild the model; default ``model.recipe``.
 
