@@ -7,6 +7,7 @@ analytic size of the tensors each method materialises instead.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 
@@ -17,6 +18,7 @@ from labkit.detr.ms_deform_attn import level_start_index_from_shapes, multi_scal
 
 __all__ = [
     "ENCODER_SHAPES",
+    "attention_cost_sweep",
     "dense_attention",
     "deformable_call",
     "deformable_problem",
@@ -176,3 +178,52 @@ def deformable_call(
 def _no_grad(fn: Callable[[], object]) -> object:
     with torch.no_grad():
         return fn()
+
+
+def attention_cost_sweep(
+    num_queries: Sequence[int],
+    spatial_shapes: Sequence[tuple[int, int]] = ((25, 42), (13, 21), (7, 11), (4, 6)),
+    device: torch.device | str = "cpu",
+    embed_dims: int = 256,
+    num_heads: int = 8,
+    repeat: int = 3,
+) -> list[dict]:
+    """Forward time and memory of dense attention, the deformable reference and (on CUDA) the
+    kernel, for each number of queries attending to the keys of ``spatial_shapes`` (batch 1).
+
+    Returns:
+        ``[{"method", "num_queries", "ms", "mib", "measured_memory"}]``; ``mib`` is the CUDA
+        peak when measured, else :func:`working_set_mib`.
+    """
+    device = torch.device(device)
+    num_keys = sum(h * w for h, w in spatial_shapes)
+    head_dims = embed_dims // num_heads
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randn(1, num_keys, embed_dims, generator=gen).to(device)
+    rows = []
+    methods = ["dense", "reference"] + (["kernel"] if device.type == "cuda" else [])
+    for nq in num_queries:
+        query = torch.randn(1, nq, embed_dims, generator=gen).to(device)
+        problem = deformable_problem(1, spatial_shapes, nq, num_heads, head_dims, device=device)
+        for method in methods:
+            if method == "dense":
+                fn = functools.partial(dense_attention, query, keys, keys, num_heads)
+            else:
+                fn = deformable_call(problem, "pytorch" if method == "reference" else "triton")
+            with torch.no_grad():
+                seconds, peak = measure(fn, device, repeat=repeat)
+            mib = (
+                peak
+                if peak is not None
+                else working_set_mib(method, 1, nq, num_keys, num_heads, head_dims)
+            )
+            rows.append(
+                {
+                    "method": method,
+                    "num_queries": nq,
+                    "ms": seconds * 1e3,
+                    "mib": mib,
+                    "measured_memory": peak is not None,
+                }
+            )
+    return rows

@@ -1,0 +1,277 @@
+"""Pictures of deformable attention: initial offsets, point vs box references, a query's samples per level, costs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from labkit.detr.ms_deform_attn import (
+    MultiScaleDeformableAttention,
+    sampling_locations_from_offsets,
+)
+from labkit.viz.draw import draw_boxes, show_image
+
+__all__ = [
+    "capture_decoder_sampling",
+    "plot_attention_cost",
+    "plot_initial_offsets",
+    "plot_offset_scaling",
+    "plot_query_sampling",
+    "query_explorer",
+]
+
+_HEAD_CMAP = "tab10"
+
+
+def _axes(ax: Any, figsize: tuple[float, float] = (4.0, 4.0)) -> Any:
+    if ax is not None:
+        return ax
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=figsize)[1]
+
+
+def _head_colors(num_heads: int) -> np.ndarray:
+    import matplotlib.pyplot as plt
+
+    return plt.get_cmap(_HEAD_CMAP)(np.arange(num_heads) % 10)
+
+
+def plot_initial_offsets(
+    attn: MultiScaleDeformableAttention, level: int = 0, ax: Any = None
+) -> Any:
+    """The offsets (in pixels of a level) every query starts with: point ``i`` of head ``h``
+    sits ``i + 1`` steps along direction ``2 pi h / num_heads`` (the ``sampling_offsets`` bias)."""
+    ax = _axes(ax)
+    bias = attn.sampling_offsets.bias.detach().view(
+        attn.num_heads, attn.num_levels, attn.num_points, 2
+    )
+    colors = _head_colors(attn.num_heads)
+    for h in range(attn.num_heads):
+        pts = bias[h, level].numpy()
+        ax.plot([0, *pts[:, 0]], [0, *pts[:, 1]], "-", color=colors[h], lw=0.8)
+        ax.scatter(pts[:, 0], pts[:, 1], color=colors[h], s=18, label=f"head {h}", zorder=3)
+    ax.scatter([0], [0], marker="+", color="k", s=80, zorder=4)
+    ax.set_aspect("equal")
+    ax.invert_yaxis()  # image convention: y grows downwards
+    ax.grid(alpha=0.3)
+    ax.set_title(f"initial offsets (pixels of level {level})")
+    ax.legend(fontsize=6, loc="upper right", ncol=2)
+    return ax
+
+
+def plot_offset_scaling(
+    spatial_shapes: Sequence[tuple[int, int]],
+    offsets: Tensor,
+    point: tuple[float, float] = (0.5, 0.5),
+    boxes: Sequence[tuple[float, float]] = ((0.1, 0.1), (0.4, 0.3)),
+    axes: Any = None,
+) -> Any:
+    """Where the same raw offsets land for a reference point and for reference boxes.
+
+    Args:
+        spatial_shapes: ``(h, w)`` of each level.
+        offsets: Tensor[P, 2] raw offsets used on every level.
+        point: the reference centre ``(x, y)`` in [0, 1].
+        boxes: ``(w, h)`` of the reference boxes drawn (centred on ``point``).
+
+    Left: a point reference divides offsets by each level's size, so coarse levels spread
+    the samples farther. Right: a box reference scales them by ``box / (2 P)``, the same on
+    every level, so the samples follow the box.
+    """
+    import matplotlib.pyplot as plt
+
+    if axes is None:
+        axes = plt.subplots(1, 2, figsize=(8.0, 4.0))[1]
+    shapes = torch.tensor(spatial_shapes)
+    num_levels, num_points = len(spatial_shapes), offsets.shape[0]
+    off = offsets.view(1, 1, 1, 1, num_points, 2).expand(1, 1, 1, num_levels, num_points, 2)
+    ref = torch.tensor(point).view(1, 1, 1, 2).expand(1, 1, num_levels, 2)
+    locs = sampling_locations_from_offsets(ref, off, shapes)[0, 0, 0]  # [L, P, 2]
+    import matplotlib.cm as cm
+
+    for lvl in range(num_levels):
+        c = cm.viridis(lvl / max(num_levels - 1, 1))
+        axes[0].scatter(
+            locs[lvl, :, 0],
+            locs[lvl, :, 1],
+            color=c,
+            s=16,
+            label=f"level {lvl} ({spatial_shapes[lvl][0]}x{spatial_shapes[lvl][1]})",
+        )
+    axes[0].set_title("2-d reference point: offset / (w, h)")
+    for i, (bw, bh) in enumerate(boxes):
+        box = (
+            torch.tensor([point[0], point[1], bw, bh]).view(1, 1, 1, 4).expand(1, 1, num_levels, 4)
+        )
+        locs = sampling_locations_from_offsets(box, off, shapes)[
+            0, 0, 0, 0
+        ]  # the same on every level
+        c = cm.plasma(0.2 + 0.5 * i)
+        axes[1].scatter(locs[:, 0], locs[:, 1], color=c, s=16, label=f"box {bw:g} x {bh:g}")
+        draw_boxes(
+            axes[1],
+            [[point[0] - bw / 2, point[1] - bh / 2, point[0] + bw / 2, point[1] + bh / 2]],
+            color=c,
+            linewidth=1.0,
+        )
+    axes[1].set_title("4-d reference box: offset / P * wh / 2")
+    for ax in axes:
+        ax.scatter([point[0]], [point[1]], marker="+", color="k", s=80)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(1, 0)
+        ax.set_aspect("equal")
+        ax.legend(fontsize=6, loc="lower right")
+    return axes
+
+
+@torch.no_grad()
+def capture_decoder_sampling(model: Any, batch: dict, layer: int = -1) -> dict:
+    """Run ``model`` (a ``DeformableDETR``) on ``batch`` and record what one decoder layer's
+    cross-attention sampled.
+
+    Returns:
+        ``{"sampling_locations": Tensor[B, Q, heads, L, P, 2]`` (normalized to each padded
+        level map), ``"attention_weights": Tensor[B, Q, heads, L, P]``, ``"reference_points":
+        Tensor[B, Q, L, 2|4]`` (as the attention saw them), ``"spatial_shapes"``,
+        ``"pad_shape"`` ``(H, W)`` of the batch, ``"boxes"`` Tensor[B, Q, 4] normalized
+        cxcywh and ``"scores"`` Tensor[B, Q] (best class probability) of the last layer}``.
+    """
+    attn = model.decoder.layers[layer].cross_attn
+    seen: dict = {}
+
+    def hook(module: Any, args: tuple, kwargs: dict) -> None:
+        seen.update(kwargs, query=args[0])
+
+    handle = attn.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        img, mask = model._inputs(batch)
+        out = model(img, mask)
+    finally:
+        handle.remove()
+    query = seen["query"] + seen["query_pos"]
+    _, locations, weights = attn.sample(
+        query,
+        seen["value"],
+        seen["reference_points"],
+        seen["spatial_shapes"],
+        seen["key_padding_mask"],
+    )
+    return {
+        "sampling_locations": locations.cpu(),
+        "attention_weights": weights.cpu(),
+        "reference_points": seen["reference_points"].cpu(),
+        "spatial_shapes": seen["spatial_shapes"].cpu(),
+        "pad_shape": tuple(img.shape[-2:]),
+        "boxes": out["all_bbox_preds"][-1].cpu(),
+        "scores": out["all_cls_scores"][-1].sigmoid().max(-1).values.cpu(),
+    }
+
+
+def plot_query_sampling(
+    image: Tensor,
+    capture: dict,
+    query: int,
+    batch_index: int = 0,
+    img_shape: tuple[int, int] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    axes: Any = None,
+) -> Any:
+    """A query's sampling points on every level, coloured by head, area by attention weight.
+
+    Args:
+        image: Tensor[3, H, W] the (padded, normalized) input image.
+        capture: from :func:`capture_decoder_sampling`.
+        query: which decoder query.
+        img_shape: unpadded ``(h, w)`` to scale the predicted box (default: the padded size).
+        mean, std: to un-normalize the image for display.
+    """
+    import matplotlib.pyplot as plt
+
+    locs = capture["sampling_locations"][batch_index, query]  # [heads, L, P, 2]
+    weights = capture["attention_weights"][batch_index, query]  # [heads, L, P]
+    num_heads, num_levels, _ = weights.shape
+    if axes is None:
+        axes = plt.subplots(1, num_levels, figsize=(3.0 * num_levels, 3.2))[1]
+    pad_h, pad_w = capture["pad_shape"]
+    h, w = img_shape or (pad_h, pad_w)
+    box = capture["boxes"][batch_index, query]
+    xyxy = [
+        (box[0] - box[2] / 2) * w,
+        (box[1] - box[3] / 2) * h,
+        (box[0] + box[2] / 2) * w,
+        (box[1] + box[3] / 2) * h,
+    ]
+    colors = _head_colors(num_heads)
+    scale = 600.0 / max(float(weights.max()), 1e-6)
+    for lvl, ax in enumerate(np.atleast_1d(axes)):
+        show_image(image, ax=ax, mean=mean, std=std)
+        lh, lw = capture["spatial_shapes"][lvl].tolist()
+        for head in range(num_heads):
+            xs = locs[head, lvl, :, 0] * pad_w
+            ys = locs[head, lvl, :, 1] * pad_h
+            ax.scatter(
+                xs,
+                ys,
+                s=weights[head, lvl] * scale + 2,
+                color=colors[head],
+                alpha=0.8,
+                edgecolors="k",
+                linewidths=0.3,
+            )
+        draw_boxes(ax, [xyxy], color="w", linewidth=1.2)
+        share = float(weights[:, lvl].sum() / weights.sum())
+        ax.set_title(f"level {lvl} ({lh}x{lw}): {share:.0%} of weight", fontsize=8)
+        ax.set_xlim(0, pad_w)
+        ax.set_ylim(pad_h, 0)
+        ax.axis("off")
+    return axes
+
+
+def query_explorer(image: Tensor, capture: dict, batch_index: int = 0, **plot_kwargs: Any) -> Any:
+    """An ipywidget (dropdown of queries, best-scoring first) redrawing :func:`plot_query_sampling`."""
+    import ipywidgets as widgets
+    import matplotlib.pyplot as plt
+
+    scores = capture["scores"][batch_index]
+    order = scores.argsort(descending=True).tolist()
+    options = [(f"query {q} (score {float(scores[q]):.2f})", q) for q in order]
+
+    def draw(query: int) -> None:
+        plot_query_sampling(image, capture, query, batch_index, **plot_kwargs)
+        plt.show()
+
+    return widgets.interact(
+        draw, query=widgets.Dropdown(options=options, value=order[0], description="query")
+    )
+
+
+def plot_attention_cost(
+    rows: Sequence[dict], axes: Any = None, memory_label: str = "memory (MiB)"
+) -> Any:
+    """Time and memory against the number of queries, one line per method.
+
+    ``rows``: dicts with ``method``, ``num_queries``, ``ms`` and ``mib``.
+    """
+    import matplotlib.pyplot as plt
+
+    if axes is None:
+        axes = plt.subplots(1, 2, figsize=(8.0, 3.2))[1]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        sel = [r for r in rows if r["method"] == method]
+        xs = [r["num_queries"] for r in sel]
+        axes[0].plot(xs, [r["ms"] for r in sel], "o-", label=method)
+        axes[1].plot(xs, [r["mib"] for r in sel], "o-", label=method)
+    for ax, ylabel in zip(axes, ("time (ms)", memory_label), strict=True):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("number of queries")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    return axes
