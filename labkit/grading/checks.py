@@ -1,0 +1,452 @@
+"""One check per notebook exercise: edge cases and seeded random inputs against labkit's own code.
+
+Every check takes the student's function (and, where the exercise uses notebook state, that
+state), runs it on small hand-picked edge cases and on seeded random inputs, and compares
+with labkit. It prints a report in a notebook, returns a
+:class:`~labkit.grading.feedback.CheckResult` and raises
+:class:`~labkit.grading.feedback.CheckFailed` (an ``AssertionError``) when a case fails,
+unless ``raise_on_fail=False``. ``seed`` changes the random cases (hidden tests use other
+seeds than the visible ones).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from labkit.grading.feedback import Case, CheckResult, format_value, run_cases
+
+__all__ = [
+    "EXERCISES",
+    "check_anchor_center",
+    "check_atss_threshold",
+    "check_base_anchors",
+    "check_max_iou_assign",
+    "check_pairwise_iou",
+]
+
+
+def _boxes(rows: Sequence[Sequence[float]]) -> Tensor:
+    return torch.tensor(rows, dtype=torch.float32).reshape(-1, 4)
+
+
+def random_boxes(g: torch.Generator, n: int, size: float = 100.0, degenerate: int = 0) -> Tensor:
+    """``n`` boxes with integer-ish corners in ``[0, size]``; the last ``degenerate`` have zero area.
+
+    Integer corners make touching and nested pairs common, which is where IoU code breaks.
+    """
+    xy = torch.randint(0, int(size), (n, 2), generator=g).float()
+    wh = torch.randint(0, int(size) // 2, (n, 2), generator=g).float()
+    if degenerate:
+        wh[n - degenerate :, torch.randint(0, 2, (1,), generator=g)] = 0.0
+    return torch.cat([xy, xy + wh], dim=1)
+
+
+# ---------------------------------------------------------------------------------------
+# 01 anchors
+# ---------------------------------------------------------------------------------------
+
+
+def _iou_variant(
+    b1: Tensor, b2: Tensor, plus_one: float = 0.0, clamp: bool = True, sub: bool = True
+):
+    lt = torch.max(b1[:, None, :2], b2[None, :, :2])
+    rb = torch.min(b1[:, None, 2:], b2[None, :, 2:])
+    wh = rb - lt + plus_one
+    wh = wh.clamp(min=0) if clamp else wh
+    overlap = wh[..., 0] * wh[..., 1]
+    a1 = (b1[:, 2] - b1[:, 0] + plus_one) * (b1[:, 3] - b1[:, 1] + plus_one)
+    a2 = (b2[:, 2] - b2[:, 0] + plus_one) * (b2[:, 3] - b2[:, 1] + plus_one)
+    union = a1[:, None] + a2[None, :] - (overlap if sub else 0)
+    return overlap / union.clamp(min=1e-6)
+
+
+def _iou_hint(b1: Tensor, b2: Tensor) -> Callable:
+    def hint(got, expected):
+        if not isinstance(got, Tensor) or got.shape != expected.shape or got.numel() == 0:
+            return None
+        got = got.detach().double()
+        variants = [
+            (dict(plus_one=1.0), "you used the old '+1' pixel convention; labkit has no +1"),
+            (
+                dict(clamp=False),
+                "clamp the intersection's width and height at 0: disjoint "
+                "boxes have no overlap, not a negative one",
+            ),
+            (dict(sub=False), "the union is area1 + area2 - overlap"),
+        ]
+        for kwargs, text in variants:
+            alt = _iou_variant(b1, b2, **kwargs).double()
+            if torch.allclose(got, alt, atol=1e-5, equal_nan=True):
+                return text
+        if torch.isnan(got).any():
+            return "NaN: two zero-area boxes have union 0; clamp the union at eps"
+        return None
+
+    return hint
+
+
+def check_pairwise_iou(
+    student_fn: Callable, *, seed: int = 0, num_random: int = 4, raise_on_fail: bool = True
+) -> CheckResult:
+    """Exercise ``pairwise_iou``: ``fn(boxes1[M, 4], boxes2[N, 4]) -> IoU[M, N]``.
+
+    Compared with :func:`labkit.boxes.bbox_overlaps` on touching, nested, disjoint,
+    zero-area and empty inputs, then on ``num_random`` random pairs of box sets.
+    """
+    from labkit.boxes import bbox_overlaps
+
+    unit = [[0.0, 0.0, 10.0, 10.0]]
+    pairs = [
+        ("identical boxes (IoU 1)", unit, unit),
+        ("disjoint boxes (IoU 0)", unit, [[20, 20, 30, 30]]),
+        ("boxes touching along the edge x = 10 (IoU 0)", unit, [[10, 0, 20, 10]]),
+        ("boxes touching at the corner (10, 10)", unit, [[10, 10, 20, 20]]),
+        ("a box nested inside another", unit, [[2, 2, 5, 5]]),
+        ("partial overlap", unit, [[5, 5, 15, 15]]),
+        (
+            "two zero-area boxes at the same point (IoU 0, not NaN)",
+            [[30, 30, 30, 30]],
+            [[30, 30, 30, 30]],
+        ),
+        ("a zero-area box inside a normal box", [[5, 5, 5, 5]], unit),
+        (
+            "3 x 2 boxes (M != N)",
+            [[0, 0, 10, 10], [5, 0, 15, 10], [0, 0, 4, 4]],
+            [[0, 0, 5, 5], [8, 2, 9, 3]],
+        ),
+        ("no boxes1 (M = 0): IoU of shape [0, N]", [], [[0, 0, 5, 5], [1, 1, 2, 2]]),
+        ("no boxes2 (N = 0): IoU of shape [M, 0]", [[0, 0, 5, 5]], []),
+    ]
+    g = torch.Generator().manual_seed(1000 + seed)
+    for i in range(num_random):
+        m, n = (
+            int(torch.randint(1, 12, (1,), generator=g)),
+            int(torch.randint(1, 12, (1,), generator=g)),
+        )
+        b1, b2 = random_boxes(g, m, degenerate=i % 2), random_boxes(g, n, degenerate=1)
+        pairs.append((f"random boxes (seed {seed}, {m} x {n})", b1, b2))
+    cases = []
+    for name, b1, b2 in pairs:
+        b1, b2 = (
+            _boxes(b1) if not isinstance(b1, Tensor) else b1,
+            _boxes(b2) if not isinstance(b2, Tensor) else b2,
+        )
+
+        def locate(idx, b1=b1, b2=b2):
+            i, j = idx
+            return f"boxes1[{i}] = {format_value(b1[i])} and boxes2[{j}] = {format_value(b2[j])}"
+
+        cases.append(
+            Case(
+                name, {"boxes1": b1, "boxes2": b2}, bbox_overlaps(b1, b2), locate, _iou_hint(b1, b2)
+            )
+        )
+    return run_cases("pairwise_iou", student_fn, cases, raise_on_fail=raise_on_fail, atol=1e-5)
+
+
+def _base_anchor_hint(got, expected):
+    if not isinstance(got, Tensor) or got.shape != expected.shape:
+        return None
+    got = got.detach().float()
+    if torch.allclose(got, expected[:, [1, 0, 3, 2]], atol=1e-4):
+        return "width and height are swapped: ratio = h / w, so h = base * scale * sqrt(ratio)"
+    rows_match = all(any(torch.allclose(r, e, atol=1e-4) for e in expected) for r in got)
+    if rows_match:
+        return (
+            "the right anchors in the wrong order: ratio-major, scales innermost (row = r * S + s)"
+        )
+    size = (expected[:, 2:] - expected[:, :2]).max()
+    if torch.allclose(got - got[:, :2].mean(), expected - expected[:, :2].mean(), atol=1e-3):
+        return (
+            f"the anchors must be centred at (0, 0) (x1 = -w / 2 ...); largest side is {size:.1f}"
+        )
+    return None
+
+
+def check_base_anchors(
+    student_fn: Callable, *, seed: int = 0, raise_on_fail: bool = True
+) -> CheckResult:
+    """Exercise ``base_anchors``: ``fn(base_size, ratios, scales) -> Tensor[R * S, 4]``.
+
+    Compared with :class:`labkit.anchors.AnchorGenerator` ``.base_anchors[0]`` (centre
+    (0, 0), ratio = h / w at constant area, ratio-major with scales innermost).
+    """
+    from labkit.anchors import AnchorGenerator
+
+    octave = [4 * 2 ** (i / 3) for i in range(3)]
+    settings = [
+        ("one ratio, one scale", 8, [1.0], [1.0]),
+        ("ratio 2 is a tall anchor (h / w = 2)", 16, [2.0], [1.0]),
+        ("RetinaNet's stride-8 level (3 ratios x 3 octave scales)", 8, [0.5, 1.0, 2.0], octave),
+        ("3 ratios x 2 scales: the order of the rows", 16, [0.25, 1.0, 3.0], [1.0, 2.0]),
+        ("2 ratios x 3 scales: the order of the rows", 32, [0.5, 2.0], [1.0, 2.0, 4.0]),
+        ("a base size that is not a power of two", 100, [4.0], [0.5]),
+    ]
+    g = torch.Generator().manual_seed(2000 + seed)
+    for _ in range(2):
+        ratios = sorted(round(float(r), 3) for r in torch.rand(3, generator=g) * 3 + 0.2)
+        scales = [round(float(s), 3) for s in torch.rand(2, generator=g) * 4 + 0.5]
+        base = int(torch.randint(4, 65, (1,), generator=g))
+        settings.append((f"random ratios and scales (seed {seed})", base, ratios, scales))
+    cases = [
+        Case(
+            name,
+            {"base_size": base, "ratios": ratios, "scales": scales},
+            AnchorGenerator(strides=[base], ratios=ratios, scales=scales).base_anchors[0],
+            hint=_base_anchor_hint,
+        )
+        for name, base, ratios, scales in settings
+    ]
+    return run_cases("base_anchors", student_fn, cases, raise_on_fail=raise_on_fail, atol=1e-4)
+
+
+def _retinanet_setup():
+    from labkit.anchors import AnchorGenerator, featmap_sizes_from_shape
+
+    gen = AnchorGenerator(
+        strides=[8, 16, 32, 64, 128],
+        ratios=[0.5, 1.0, 2.0],
+        octave_base_scale=4,
+        scales_per_octave=3,
+    )
+    return gen, featmap_sizes_from_shape((512, 512), gen.strides)
+
+
+def check_anchor_center(
+    student_fn: Callable,
+    generator=None,
+    featmap_sizes: Sequence[tuple[int, int]] | None = None,
+    *,
+    seed: int = 0,
+    raise_on_fail: bool = True,
+) -> CheckResult:
+    """Exercise ``anchor_center``: ``fn(level, flat_index) -> (x, y)`` centre of that anchor.
+
+    Args:
+        generator: the notebook's :class:`~labkit.anchors.AnchorGenerator` (default:
+            RetinaNet's, strides 8-128, 9 anchors per cell).
+        featmap_sizes: the ``(h, w)`` per level the function assumes (default: a 512 x 512
+            image).
+    """
+    if generator is None or featmap_sizes is None:
+        generator, featmap_sizes = _retinanet_setup()
+    levels = generator.grid_priors(featmap_sizes)
+    num_levels = len(levels)
+    a0, (h0, w0) = generator.num_base_anchors[0], featmap_sizes[0]
+    picks = [
+        (0, 0, "the first anchor of level 0"),
+        (0, a0 - 1, "the last anchor of the first cell"),
+        (0, a0, "the first anchor of the second cell (one step in x)"),
+        (0, w0 * a0, "the first anchor of the second row (one step in y)"),
+        (0, h0 * w0 * a0 - 1, "the last anchor of level 0"),
+        (num_levels - 1, len(levels[-1]) - 1, "the last anchor of the last level"),
+    ]
+    g = torch.Generator().manual_seed(3000 + seed)
+    for level in range(num_levels):
+        idx = int(torch.randint(0, len(levels[level]), (1,), generator=g))
+        picks.append((level, idx, f"a random anchor of level {level} (seed {seed})"))
+    cases = []
+    for level, idx, name in picks:
+        box = levels[level][idx]
+        stride = generator.strides[level]
+        a = generator.num_base_anchors[level]
+        w = featmap_sizes[level][1]
+
+        def hint(got, expected, stride=stride, a=a, w=w, idx=idx):
+            got = torch.as_tensor(got, dtype=torch.float32).reshape(-1)
+            if torch.allclose(got, expected.flip(0), atol=1e-3):
+                return "x and y are swapped: x goes with the column, y with the row"
+            half = torch.tensor([stride[0] / 2, stride[1] / 2])
+            if torch.allclose(got, expected + half, atol=1e-3):
+                return "no half-stride offset: anchors sit on the cell's top-left corner (center_offset=0)"
+            row, col = divmod(idx, w)
+            if torch.allclose(
+                got,
+                torch.tensor([col * stride[0], row * stride[1]], dtype=torch.float32),
+                atol=1e-3,
+            ):
+                return f"divide the flat index by the anchors per cell ({a}) first: the anchor index is innermost"
+            return None
+
+        cases.append(
+            Case(name, {"level": level, "flat_index": idx}, (box[:2] + box[2:]) / 2, hint=hint)
+        )
+    return run_cases(
+        "anchor_center", student_fn, cases, raise_on_fail=raise_on_fail, atol=1e-3, coerce=True
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# 02 assignment
+# ---------------------------------------------------------------------------------------
+
+
+def _max_iou_hint(overlaps, pos, neg, min_pos):
+    from labkit.assigners.max_iou import assign_wrt_overlaps
+
+    def hint(got, expected):
+        if not isinstance(got, Tensor) or got.shape != expected.shape:
+            return None
+        got = got.detach().long()
+        no_lq = assign_wrt_overlaps(overlaps, None, pos, neg, min_pos, match_low_quality=False)
+        if torch.equal(got, no_lq.gt_inds):
+            return "step 4 is missing: each GT also claims its best prior(s) if that IoU >= min_pos_iou"
+        first_only = assign_wrt_overlaps(overlaps, None, pos, neg, min_pos, gt_max_assign_all=False)
+        if torch.equal(got, first_only.gt_inds):
+            return "in step 4 a GT claims EVERY prior tied at its best IoU, not only the first"
+        if overlaps.shape[0] > 1:
+            # Earlier GTs winning shared priors: run the GTs in reverse and map back.
+            rev = assign_wrt_overlaps(overlaps.flip(0), None, pos, neg, min_pos).gt_inds
+            k = overlaps.shape[0]
+            rev = torch.where(rev > 0, k + 1 - rev, rev)
+            if torch.equal(got, rev):
+                return (
+                    "when several GTs claim one prior in step 4, the LAST GT (highest index) wins"
+                )
+        return None
+
+    return hint
+
+
+def check_max_iou_assign(
+    student_fn: Callable, *, seed: int = 0, num_random: int = 8, raise_on_fail: bool = True
+) -> CheckResult:
+    """Exercise ``max_iou_assign``: ``fn(overlaps[K, N], pos_iou_thr, neg_iou_thr, min_pos_iou)
+    -> gt_inds LongTensor[N]`` (0 negative, -1 ignored, k >= 1 the k-th GT).
+
+    Compared with :func:`labkit.assigners.max_iou.assign_wrt_overlaps` (low-quality matches
+    on, every tied prior claimed, later GTs winning) on hand cases and on random quantized
+    matrices full of ties.
+    """
+    from labkit.assigners.max_iou import assign_wrt_overlaps
+
+    settings = [
+        ("a clear positive and a clear negative", [[0.9, 0.1]], 0.5, 0.4, 0.0),
+        ("an IoU between the thresholds is ignored (-1)", [[0.45, 0.9]], 0.5, 0.4, 0.0),
+        ("a GT with no IoU >= pos_iou_thr claims its best prior", [[0.3, 0.2, 0.1]], 0.5, 0.4, 0.2),
+        ("min_pos_iou blocks a weak low-quality match", [[0.3, 0.2, 0.1]], 0.5, 0.4, 0.35),
+        ("a GT claims every prior tied at its best IoU", [[0.3, 0.3, 0.1]], 0.5, 0.4, 0.2),
+        (
+            "two GTs claim the same prior: the later GT wins",
+            [[0.3, 0.1], [0.3, 0.2]],
+            0.5,
+            0.4,
+            0.1,
+        ),
+        ("step 4 overwrites a step-3 positive", [[0.9, 0.0], [0.6, 0.1]], 0.5, 0.4, 0.0),
+        (
+            "a prior in an ignore region (IoU -1) is never negative",
+            [[-1.0, 0.2, 0.1]],
+            0.5,
+            0.4,
+            0.15,
+        ),
+    ]
+    g = torch.Generator().manual_seed(4000 + seed)
+    for i in range(num_random):
+        k, n = (
+            int(torch.randint(1, 6, (1,), generator=g)),
+            int(torch.randint(5, 31, (1,), generator=g)),
+        )
+        ov = (torch.randint(0, 8, (k, n), generator=g).float() / 10).tolist()
+        pos, neg, min_pos = [(0.5, 0.4, 0.0), (0.5, 0.3, 0.2), (0.6, 0.3, 0.3), (0.4, 0.4, 0.1)][
+            i % 4
+        ]
+        settings.append(
+            (f"random {k} x {n} overlaps with ties (seed {seed})", ov, pos, neg, min_pos)
+        )
+    cases = []
+    for name, ov, pos, neg, min_pos in settings:
+        ov = torch.tensor(ov, dtype=torch.float32)
+        expected = assign_wrt_overlaps(ov, None, pos, neg, min_pos).gt_inds
+
+        def locate(idx, ov=ov):
+            return f"prior {idx[0]}, whose IoUs with the GTs are overlaps[:, {idx[0]}] = {format_value(ov[:, idx[0]])}"
+
+        cases.append(
+            Case(
+                name,
+                {"overlaps": ov, "pos_iou_thr": pos, "neg_iou_thr": neg, "min_pos_iou": min_pos},
+                expected,
+                locate,
+                _max_iou_hint(ov, pos, neg, min_pos),
+            )
+        )
+    return run_cases("max_iou_assign", student_fn, cases, raise_on_fail=raise_on_fail)
+
+
+def _atss_hint(cand):
+    def hint(got, expected):
+        if not isinstance(got, tuple | list) or not got or not isinstance(got[0], Tensor):
+            return None
+        thr = got[0].detach().double()
+        c = cand.double()
+        if thr.shape != expected[0].shape:
+            return "one threshold per GT: reduce over the candidates (dim 0)"
+        if torch.allclose(thr, c.mean(0) + c.std(0, unbiased=False), atol=1e-5, equal_nan=True):
+            return "use the unbiased std (divide by C - 1), as torch.std does"
+        if torch.allclose(thr, c.mean(0), atol=1e-5):
+            return "the threshold is mean + std, not the mean alone"
+        if c.shape[1] > 1 and torch.allclose(thr, (c.mean(1) + c.std(1))[: thr.numel()], atol=1e-5):
+            return "reduce over dim 0 (candidates), not dim 1 (GTs)"
+        return None
+
+    return hint
+
+
+def check_atss_threshold(
+    student_fn: Callable, *, seed: int = 0, num_random: int = 4, raise_on_fail: bool = True
+) -> CheckResult:
+    """Exercise ``atss_threshold``: ``fn(candidate_overlaps[C, K]) -> (threshold[K], passes[C, K])``.
+
+    ``threshold = mean + std`` over the candidates of each GT (unbiased std, as
+    :class:`labkit.assigners.ATSSAssigner`), ``passes = candidate_overlaps >= threshold``.
+    Includes the edge case where the threshold exceeds every candidate and a single
+    candidate (std NaN: nothing passes).
+    """
+    settings = [
+        ("threshold above every candidate (ATSS's edge case)", [[0.5], [0.5], [0.0], [0.0]]),
+        ("all candidates equal: std 0, every candidate passes (>=)", [[0.3], [0.3], [0.3]]),
+        ("two candidates: the unbiased std divides by C - 1", [[0.2], [0.6]]),
+        ("one candidate: std is NaN and nothing passes", [[0.7]]),
+        (
+            "three GTs at once (one column each)",
+            [[0.1, 0.5, 0.0], [0.4, 0.5, 0.2], [0.3, 0.1, 0.9]],
+        ),
+    ]
+    g = torch.Generator().manual_seed(5000 + seed)
+    for _ in range(num_random):
+        k = int(torch.randint(1, 7, (1,), generator=g))
+        cand = (torch.rand(27, k, generator=g) ** 2).mul(100).round().div(100)
+        settings.append((f"random 27 candidates x {k} GTs (seed {seed})", cand.tolist()))
+    cases = []
+    for name, cand in settings:
+        cand = torch.tensor(cand, dtype=torch.float32)
+        thr = cand.mean(0) + cand.std(0)
+
+        def locate(idx, cand=cand):
+            return f"GT {idx[-1]}, whose candidate IoUs are {format_value(cand[:, idx[-1]])}"
+
+        cases.append(
+            Case(
+                name,
+                {"candidate_overlaps": cand},
+                (thr, cand >= thr[None]),
+                locate,
+                _atss_hint(cand),
+            )
+        )
+    return run_cases("atss_threshold", student_fn, cases, raise_on_fail=raise_on_fail, atol=1e-5)
+
+
+# Exercise id -> check; the grader and the docs list exercises from here.
+EXERCISES: dict[str, Callable[..., CheckResult]] = {
+    "pairwise_iou": check_pairwise_iou,
+    "base_anchors": check_base_anchors,
+    "anchor_center": check_anchor_center,
+    "max_iou_assign": check_max_iou_assign,
+    "atss_threshold": check_atss_threshold,
+}

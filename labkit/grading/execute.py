@@ -1,0 +1,79 @@
+"""Grader worker: run one prepared submission with papermill, errors allowed, in its own process.
+
+``python -m labkit.grading.execute IN.ipynb OUT.ipynb --cwd DIR --cell-timeout S`` executes
+like nbgrader's autograder: every cell runs even after an error (``allow_errors``), a cell
+that exceeds its time is interrupted and the next one runs (``interrupt_on_timeout``).
+papermill saves OUT at every cell start and end, so the parent can score a run it had to
+kill. The last stdout line is JSON: ``{"error": null | "..."}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+
+def execute(
+    input_path: str,
+    output_path: str,
+    cwd: str,
+    cell_timeout: float | None,
+    kernel: str,
+    parameters: dict,
+) -> str | None:
+    """Run the notebook; return ``None``, or a description of what stopped the run early."""
+    import papermill as pm
+    from papermill.exceptions import PapermillExecutionError
+
+    from labkit.run_notebooks import _describe_error
+
+    os.environ.pop("MPLBACKEND", None)  # inline plots in the kernel, as run_notebooks does
+    try:
+        pm.execute_notebook(
+            input_path,
+            output_path,
+            parameters=parameters,
+            kernel_name=kernel,
+            cwd=cwd,
+            progress_bar=False,
+            log_output=False,
+            execution_timeout=cell_timeout,
+            allow_errors=True,
+            interrupt_on_timeout=True,
+            # No IPython history file: nothing shared between students' kernels.
+            extra_arguments=["--HistoryManager.hist_file=:memory:"],
+        )
+    except PapermillExecutionError:
+        return None  # errors inside cells are results; the notebook ran to the end
+    except Exception as err:  # the kernel died, could not start, ...
+        return _describe_error(err)
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the worker process."""
+    parser = argparse.ArgumentParser(prog="python -m labkit.grading.execute")
+    parser.add_argument("input")
+    parser.add_argument("output")
+    parser.add_argument("--cwd", required=True)
+    parser.add_argument("--cell-timeout", type=float, default=None)
+    parser.add_argument("--kernel", default="labkit")
+    parser.add_argument("--parameters", default="{}", help="JSON dict of papermill parameters")
+    args = parser.parse_args(argv)
+    error = execute(
+        args.input,
+        args.output,
+        args.cwd,
+        args.cell_timeout,
+        args.kernel,
+        json.loads(args.parameters),
+    )
+    sys.stdout.write(json.dumps({"error": error}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
