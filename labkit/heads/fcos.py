@@ -28,7 +28,8 @@ def fcos_targets_single(
     num_classes: int,
     center_sampling: bool = False,
     center_sample_radius: float = 1.5,
-) -> tuple[Tensor, Tensor]:
+    return_gt_inds: bool = False,
+) -> tuple[Tensor, ...]:
     """FCOS targets of one image for points of all levels at once (no loop over GTs).
 
     A point is a candidate for a GT when it lies strictly inside the GT (or, with center
@@ -45,17 +46,17 @@ def fcos_targets_single(
         num_classes: C; background points get label C.
         center_sampling: restrict positives to the centre region.
         center_sample_radius: centre region half-size in units of the level's stride.
+        return_gt_inds: also return the 0-based GT index of every point (-1 background).
 
     Returns:
         labels: LongTensor[N] (C = background), bbox_targets: Tensor[N, 4] (l, t, r, b) in
-        pixels of the GT each point was given (zeros when there is no GT).
+        pixels of the GT each point was given (zeros when there is no GT)
+        [, gt_inds: LongTensor[N]].
     """
     num_points, num_gts = points.size(0), gt_bboxes.size(0)
     if num_gts == 0:
-        return (
-            gt_labels.new_full((num_points,), num_classes),
-            gt_bboxes.new_zeros((num_points, 4)),
-        )
+        out = (gt_labels.new_full((num_points,), num_classes), gt_bboxes.new_zeros((num_points, 4)))
+        return out + (gt_labels.new_full((num_points,), -1),) if return_gt_inds else out
     areas = (gt_bboxes[:, 2] - gt_bboxes[:, 0]) * (gt_bboxes[:, 3] - gt_bboxes[:, 1])
     areas = areas[None].repeat(num_points, 1)  # [N, K]
     xs = points[:, 0, None]  # [N, 1]
@@ -90,6 +91,8 @@ def fcos_targets_single(
     labels = gt_labels[min_area_inds]
     labels[min_area == INF] = num_classes
     bbox_targets = bbox_targets[torch.arange(num_points, device=points.device), min_area_inds]
+    if return_gt_inds:
+        return labels, bbox_targets, torch.where(min_area == INF, -1, min_area_inds)
     return labels, bbox_targets
 
 

@@ -54,7 +54,8 @@ def fovea_targets_single(
     base_edges: Sequence[int] = FOVEA_BASE_EDGES,
     scale_ranges: Sequence[tuple[float, float]] = FOVEA_SCALE_RANGES,
     sigma: float = 0.4,
-) -> tuple[list[Tensor], list[Tensor]]:
+    return_gt_inds: bool = False,
+) -> tuple[list[Tensor], ...]:
     """FoveaBox targets of one image, per level.
 
     A GT goes to every level whose scale range holds sqrt(w * h) (both ends inclusive; the
@@ -67,19 +68,21 @@ def fovea_targets_single(
         priors: per level Tensor[h * w, 2] cell centres (x, y) in pixels.
         num_classes: C (background label); strides, base_edges, scale_ranges: per level.
         sigma: fovea shrink factor.
+        return_gt_inds: also return per level the 0-based GT index of every cell (-1 none).
 
     Returns:
         labels: per level LongTensor[h * w]; bbox_targets: per level Tensor[h * w, 4] =
         log(clamp(((x - x1), (y - y1), (x2 - x), (y2 - y)) / base_edge, 1/16, 16)), 0 on
-        background (log 1).
+        background (log 1) [; gt_inds: per level LongTensor[h * w]].
     """
     areas = torch.sqrt((gt_bboxes[:, 2] - gt_bboxes[:, 0]) * (gt_bboxes[:, 3] - gt_bboxes[:, 1]))
-    labels_lvl, targets_lvl = [], []
+    labels_lvl, targets_lvl, inds_lvl = [], [], []
     for base_len, (low, high), stride, size, pri in zip(
         base_edges, scale_ranges, strides, featmap_sizes, priors, strict=True
     ):
         h, w = size
         labels = gt_labels.new_full((h * w,), num_classes)
+        gt_inds = gt_labels.new_full((h * w,), -1)
         targets = gt_bboxes.new_ones((h * w, 4))
         hit = ((areas >= low) & (areas <= high)).nonzero().flatten()
         if len(hit) > 0:
@@ -100,6 +103,7 @@ def fovea_targets_single(
             pos = last >= 0
             gt_idx = hit[last[pos]]
             labels[pos] = gt_labels[gt_idx]
+            gt_inds[pos] = gt_idx
             x, y = pri[pos, 0], pri[pos, 1]
             g = gt_bboxes[gt_idx]
             targets[pos] = (
@@ -108,6 +112,9 @@ def fovea_targets_single(
             targets = targets.clamp(min=1.0 / 16, max=16.0)
         labels_lvl.append(labels)
         targets_lvl.append(torch.log(targets))
+        inds_lvl.append(gt_inds)
+    if return_gt_inds:
+        return labels_lvl, targets_lvl, inds_lvl
     return labels_lvl, targets_lvl
 
 

@@ -1,0 +1,296 @@
+"""Anchor-free assignment pictures: FCOS positives per level, centerness heatmaps, ambiguity, and FoveaBox/FSAF/RepPoints/ATSS positives side by side."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from labkit.anchors import AnchorGenerator, PointGenerator
+from labkit.heads.fcos import FCOS_REGRESS_RANGES, centerness_target, fcos_targets_single
+from labkit.viz.draw import class_color, draw_boxes, draw_points, grid, level_color, show_image
+
+STRIDES = (8, 16, 32, 64, 128)
+
+
+@dataclass
+class PointAssignment:
+    """Which prior location learns which GT, for one image, levels concatenated.
+
+    Attributes:
+        points: Tensor[N, 2] (x, y) of every prior (anchor centres for anchor-based methods).
+        level: LongTensor[N] level index of every prior.
+        gt_inds: LongTensor[N] 0-based GT index, -1 where the prior is not positive.
+        bbox_targets: Tensor[N, 4] FCOS (l, t, r, b) targets (FCOS only, else None).
+    """
+
+    points: Tensor
+    level: Tensor
+    gt_inds: Tensor
+    bbox_targets: Tensor | None = None
+
+    def positives_per_gt(self, num_gts: int) -> Tensor:
+        """LongTensor[K, L]: positives of every GT on every level."""
+        num_levels = int(self.level.max()) + 1
+        counts = torch.zeros(num_gts, num_levels, dtype=torch.long)
+        pos = self.gt_inds >= 0
+        counts.index_put_(
+            (self.gt_inds[pos], self.level[pos]),
+            torch.ones_like(self.gt_inds[pos]),
+            accumulate=True,
+        )
+        return counts
+
+
+def featmap_sizes(
+    img_shape: tuple[int, int], strides: Sequence[int] = STRIDES
+) -> list[tuple[int, int]]:
+    """(h, w) of every level for an ``img_shape`` (h, w) input (ceil division, as the FPN pads)."""
+    return [(-(-img_shape[0] // s), -(-img_shape[1] // s)) for s in strides]
+
+
+def _levels_of(sizes: list[tuple[int, int]]) -> Tensor:
+    return torch.cat([torch.full((h * w,), i, dtype=torch.long) for i, (h, w) in enumerate(sizes)])
+
+
+def fcos_assignment(
+    gt_bboxes: Tensor,
+    img_shape: tuple[int, int],
+    strides: Sequence[int] = STRIDES,
+    regress_ranges: Sequence[tuple[float, float]] = FCOS_REGRESS_RANGES,
+    center_sampling: bool = False,
+    radius: float = 1.5,
+) -> PointAssignment:
+    """FCOS targets of one image (``fcos_targets_single``) with the GT index of every point."""
+    sizes = featmap_sizes(img_shape, strides)
+    pts = PointGenerator(strides, offset=0.5).grid_priors(sizes)
+    points = torch.cat(pts)
+    ranges = torch.cat(
+        [p.new_tensor(r)[None].expand(len(p), 2) for p, r in zip(pts, regress_ranges, strict=True)]
+    )
+    stride_of = torch.cat(
+        [p.new_full((len(p),), float(s)) for p, s in zip(pts, strides, strict=True)]
+    )
+    labels = torch.zeros(len(gt_bboxes), dtype=torch.long)
+    _, targets, gt_inds = fcos_targets_single(
+        points,
+        gt_bboxes.float(),
+        labels,
+        ranges,
+        stride_of,
+        1,
+        center_sampling,
+        radius,
+        return_gt_inds=True,
+    )
+    return PointAssignment(points, _levels_of(sizes), gt_inds, targets)
+
+
+def atss_assignment(
+    gt_bboxes: Tensor, img_shape: tuple[int, int], topk: int = 9
+) -> PointAssignment:
+    """ATSS (mmdetection's config: one 8 x stride square anchor per location) on one image."""
+    from labkit.assigners import ATSSAssigner
+
+    sizes = featmap_sizes(img_shape)
+    gen = AnchorGenerator(
+        strides=list(STRIDES), ratios=[1.0], octave_base_scale=8, scales_per_octave=1
+    )
+    anchors = gen.grid_priors(sizes)
+    flat = torch.cat(anchors)
+    res = ATSSAssigner(topk=topk).assign(flat, [len(a) for a in anchors], gt_bboxes.float())
+    return PointAssignment((flat[:, :2] + flat[:, 2:]) / 2, _levels_of(sizes), res.gt_inds - 1)
+
+
+def fovea_assignment(
+    gt_bboxes: Tensor, img_shape: tuple[int, int], sigma: float = 0.4
+) -> PointAssignment:
+    """FoveaBox fovea cells (mmdetection's scale ranges and base edges) on one image."""
+    from labkit.heads.fovea import fovea_targets_single
+
+    sizes = featmap_sizes(img_shape)
+    pts = PointGenerator(STRIDES, offset=0.5).grid_priors(sizes)
+    labels = torch.zeros(len(gt_bboxes), dtype=torch.long)
+    _, _, inds = fovea_targets_single(
+        gt_bboxes.float(), labels, sizes, pts, 1, STRIDES, sigma=sigma, return_gt_inds=True
+    )
+    return PointAssignment(torch.cat(pts), _levels_of(sizes), torch.cat(inds))
+
+
+def fsaf_assignment(gt_bboxes: Tensor, img_shape: tuple[int, int]) -> PointAssignment:
+    """FSAF centre-region positives on *every* level (before online feature selection keeps one)."""
+    from labkit.assigners.center_region import CenterRegionAssigner
+    from labkit.heads.fsaf import fsaf_anchor_generator
+
+    sizes = featmap_sizes(img_shape)
+    anchors = torch.cat(fsaf_anchor_generator().grid_priors(sizes))
+    labels = torch.zeros(len(gt_bboxes), dtype=torch.long)
+    res = CenterRegionAssigner(0.2, 0.2, min_pos_iof=0.01).assign(
+        anchors, gt_bboxes.float(), labels
+    )
+    return PointAssignment(
+        (anchors[:, :2] + anchors[:, 2:]) / 2, _levels_of(sizes), res.gt_inds.clamp(min=0) - 1
+    )
+
+
+def reppoints_assignment(
+    gt_bboxes: Tensor, img_shape: tuple[int, int], pos_num: int = 1
+) -> PointAssignment:
+    """RepPoints init-stage positives: ``PointAssigner(scale=4, pos_num)`` on points at offset 0."""
+    from labkit.assigners.point import PointAssigner
+
+    sizes = featmap_sizes(img_shape)
+    pts = torch.cat(PointGenerator(STRIDES, offset=0.0).grid_priors(sizes, with_stride=True))
+    res = PointAssigner(scale=4, pos_num=pos_num).assign(pts, gt_bboxes.float())
+    return PointAssignment(pts[:, :2], _levels_of(sizes), res.gt_inds - 1)
+
+
+def draw_assignment(
+    ax: Any,
+    img: Any,
+    gt_bboxes: Tensor,
+    assign: PointAssignment,
+    title: str | None = None,
+    size: float = 10,
+) -> Any:
+    """Image, GT boxes (colour = GT index) and every positive prior in its GT's colour
+    (marker size grows with the level)."""
+    show_image(img, ax, title=title)
+    for k, box in enumerate(gt_bboxes):
+        draw_boxes(ax, box[None], color=class_color(k), linewidth=1.2)
+        pos = assign.gt_inds == k
+        for lvl in assign.level[pos].unique().tolist():
+            sel = pos & (assign.level == lvl)
+            draw_points(ax, assign.points[sel], color=class_color(k), size=size * (1 + lvl))
+    return ax
+
+
+def plot_levels(
+    img: Any,
+    gt_bboxes: Tensor,
+    assign: PointAssignment,
+    strides: Sequence[int] = STRIDES,
+    title: str | None = None,
+) -> Any:
+    """One panel per level: the positives each GT gets there (level = regress range at work)."""
+    fig, axes = grid(len(strides), ncols=len(strides), size=2.6, title=title)
+    for lvl, (ax, s) in enumerate(zip(axes, strides, strict=True)):
+        sub = assign.level == lvl
+        one = PointAssignment(assign.points[sub], assign.level[sub], assign.gt_inds[sub])
+        draw_assignment(
+            ax,
+            img,
+            gt_bboxes,
+            one,
+            title=f"stride {s}: {int((one.gt_inds >= 0).sum())} pos",
+            size=6,
+        )
+        ax.title.set_color(level_color(lvl))
+    fig.tight_layout()
+    return fig
+
+
+def centerness_grid(
+    assign: PointAssignment, img_shape: tuple[int, int], level: int, stride: int
+) -> np.ndarray:
+    """Float array [h_l, w_l] of centerness targets on a level's positives (NaN elsewhere)."""
+    h, w = featmap_sizes(img_shape, [stride])[0]
+    values = np.full(h * w, np.nan)
+    sub = (assign.level == level).nonzero().flatten()
+    pos = assign.gt_inds[sub] >= 0
+    if pos.any():
+        values[sub[pos].numpy() - int(sub[0])] = centerness_target(
+            assign.bbox_targets[sub[pos]]
+        ).numpy()
+    return values.reshape(h, w)
+
+
+def plot_centerness(
+    img: Any,
+    gt_bboxes: Tensor,
+    assign: PointAssignment,
+    img_shape: tuple[int, int],
+    strides: Sequence[int] = STRIDES,
+) -> Any:
+    """Centerness target of every positive point, one heatmap panel per level, over the image."""
+    fig, axes = grid(
+        len(strides), ncols=len(strides), size=2.6, title="centerness target of FCOS positives"
+    )
+    h, w = img_shape
+    for lvl, (ax, s) in enumerate(zip(axes, strides, strict=True)):
+        show_image(img, ax, title=f"stride {s}")
+        cg = centerness_grid(assign, img_shape, lvl, s)
+        hh, ww = cg.shape
+        im = ax.imshow(cg, cmap="viridis", vmin=0, vmax=1, alpha=0.8, extent=(0, ww * s, hh * s, 0))
+        draw_boxes(ax, gt_bboxes, color="white", linewidth=0.8)
+        ax.set_xlim(0, w)
+        ax.set_ylim(h, 0)
+    fig.colorbar(im, ax=list(axes), shrink=0.7, label="centerness")
+    return fig
+
+
+def centerness_field(box: Sequence[float], size: tuple[int, int]) -> np.ndarray:
+    """Centerness of every pixel centre of an (h, w) canvas for one box (0 outside it)."""
+    ys, xs = np.mgrid[0 : size[0], 0 : size[1]] + 0.5
+    l, t = xs - box[0], ys - box[1]
+    r, b = box[2] - xs, box[3] - ys
+    inside = (np.minimum(np.minimum(l, r), np.minimum(t, b))) > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        c = np.sqrt(np.minimum(l, r) / np.maximum(l, r) * np.minimum(t, b) / np.maximum(t, b))
+    return np.where(inside, c, 0.0)
+
+
+def ambiguous_points(
+    gt_bboxes: Tensor, img_shape: tuple[int, int], strides: Sequence[int] = STRIDES
+) -> Tensor:
+    """BoolTensor[N]: points (all levels) strictly inside two or more GT boxes."""
+    sizes = featmap_sizes(img_shape, strides)
+    pts = torch.cat(PointGenerator(strides, offset=0.5).grid_priors(sizes))
+    x, y = pts[:, 0, None], pts[:, 1, None]
+    g = gt_bboxes.float()
+    inside = (x > g[:, 0]) & (x < g[:, 2]) & (y > g[:, 1]) & (y < g[:, 3])
+    return inside.sum(dim=1) >= 2
+
+
+def plot_positive_counts(counts: dict[str, Tensor], gt_bboxes: Tensor, ax: Any = None) -> Any:
+    """Grouped bars: positives per GT (sorted by size) for each method in ``counts`` (name -> LongTensor[K])."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(8.0, 3.5))
+    sizes = ((gt_bboxes[:, 2] - gt_bboxes[:, 0]) * (gt_bboxes[:, 3] - gt_bboxes[:, 1])).sqrt()
+    order = sizes.argsort()
+    x = np.arange(len(order))
+    width = 0.8 / max(len(counts), 1)
+    for i, (name, c) in enumerate(counts.items()):
+        ax.bar(x + i * width, c[order].numpy(), width, label=name)
+    ax.set_xticks(x + 0.4 - width / 2)
+    ax.set_xticklabels([f"{int(s)}" for s in sizes[order]], fontsize=7)
+    ax.set_xlabel("GT size sqrt(w*h), px")
+    ax.set_ylabel("positive priors")
+    ax.legend(fontsize=7)
+    return ax
+
+
+def plot_score_vs_iou(
+    scores: Tensor, ious: Tensor, centerness: Tensor, ax: Any = None, title: str | None = None
+) -> Any:
+    """Scatter of detection score against IoU with the best GT, coloured by predicted centerness."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5.0, 4.0))
+    sc = ax.scatter(
+        ious.numpy(), scores.numpy(), c=centerness.numpy(), cmap="viridis", s=8, vmin=0, vmax=1
+    )
+    ax.set_xlabel("IoU with best GT")
+    ax.set_ylabel("score")
+    ax.set_xlim(0, 1)
+    if title:
+        ax.set_title(title)
+    plt.colorbar(sc, ax=ax, label="centerness")
+    return ax
