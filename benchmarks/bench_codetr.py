@@ -1,0 +1,140 @@
+"""Co-DETR training cost with 0, 1 and 2 auxiliary heads, and inference cost vs Deformable-DETR.
+
+Run: ``.venv/bin/python -m benchmarks.bench_codetr [--quick] [--device cuda] [--amp]``
+
+One table, every configuration measured in the same run on the same fixed batch of shapes
+training images: median time of one training step (forward, loss, backward, AdamW step with
+Co-DETR's clipping), images/s, the ratio to the query head alone (``aux=()``), and peak CUDA
+memory (``-`` on CPU). A second table times ``predict`` of Co-DETR against Deformable-DETR
+with the same settings: the auxiliary heads are training-only, so the ratio should be ~1.
+
+``--quick``: tiny backbone, 160 px, batch 2 (CPU). Full: ResNet-50, 800 px, batch 2, 300
+queries -- Co-DETR's setting; with ``--amp`` the step runs in bf16 autocast (CUDA only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+
+from benchmarks._common import describe_device, peak_memory_mb, print_table, sync
+from labkit.codetr.co_detr import co_deformable_detr
+from labkit.data.collate import collate
+from labkit.data.shapes import shapes_dataset
+from labkit.data.transforms import test_transforms
+from labkit.detr.deformable_detr import deformable_detr
+from labkit.engine.train import build_optimizer
+
+AUX_SETTINGS = [(), ("atss",), ("faster_rcnn",), ("atss", "faster_rcnn")]
+
+
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], device: torch.device, repeat: int
+) -> dict[str, float]:
+    """Median seconds of each ``fn``, timed round-robin (one warm-up call each first) so a
+    shared machine's load drifts over all of them alike instead of favouring one."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def make_step(model, batch: dict, device: torch.device, amp: bool):
+    """One optimizer step of ``model`` on ``batch`` (Co-DETR's AdamW, grad clip 0.1)."""
+    from labkit.codetr.co_detr import train_config
+
+    optimizer = build_optimizer(model, train_config())
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            losses = model.loss(batch)
+        total = sum(v for k, v in losses.items() if "loss" in k)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+        optimizer.step()
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model, 160 px (CPU)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    parser.add_argument("--batch-size", type=int, default=2)
+    args = parser.parse_args()
+    import labkit
+
+    device = labkit.device(args.device)
+    amp = args.amp and device.type == "cuda"
+    size = 160 if args.quick else 800
+    backbone = "tiny" if args.quick else "resnet50"
+    queries = 100 if args.quick else 300
+    ds = shapes_dataset("train", transforms=test_transforms(scale=(size, size)))
+    batch = _to(collate([ds[i] for i in range(args.batch_size)]), device)
+    n = args.batch_size
+    repeat = 5 if args.quick else 10
+
+    steps, models = {}, {}
+    for aux in AUX_SETTINGS:
+        torch.manual_seed(0)
+        model = co_deformable_detr(ds.num_classes, aux=aux, backbone=backbone, num_queries=queries)
+        model.to(device).train()
+        name = "+".join(aux) or "none (query head only)"
+        steps[name] = make_step(model, batch, device, amp)
+        models[name] = model
+    seconds = interleaved_medians(steps, device, repeat)
+    base = next(iter(seconds.values()))
+    rows = []
+    for (name, sec), aux in zip(seconds.items(), AUX_SETTINGS, strict=True):
+        memory = peak_memory_mb(steps[name], device)
+        rows.append([name, len(aux), sec * 1000, n / sec, sec / base, memory])
+    title = (
+        f"Co-DETR training step, {backbone}, {size}px, batch {n}, {queries} queries, "
+        f"{'bf16 AMP' if amp else 'fp32'} -- {describe_device(device)}"
+    )
+    header = ["aux heads", "#aux", "step ms", "images/s", "x query head only", "peak MiB"]
+    print_table(title, header, rows)
+
+    co = models["atss+faster_rcnn"]
+    ffn = co.decoder.layers[0].ffn.layers[0].out_features
+    ddetr = deformable_detr(
+        ds.num_classes, backbone=backbone, num_queries=queries, mixed_selection=True,
+        feedforward_channels=ffn, dropout=0.0,
+    )  # fmt: skip
+    ddetr.load_state_dict(co.state_dict(), strict=False)
+    predictors = {"Deformable-DETR": ddetr, "Co-DETR (atss+faster_rcnn)": co}
+    for model in predictors.values():
+        model.to(device).eval()
+    calls = {name: (lambda m=m: m.predict(batch)) for name, m in predictors.items()}
+    seconds = interleaved_medians(calls, device, repeat)
+    rows = []
+    for name, model in predictors.items():
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        ratio = seconds[name] / seconds["Deformable-DETR"]
+        memory = peak_memory_mb(calls[name], device)
+        rows.append([name, params, seconds[name] * 1000, n / seconds[name], ratio, memory])
+    print_table(
+        f"Inference (predict), {backbone}, {size}px, batch {n} -- {describe_device(device)}",
+        ["model", "params (M, incl. training-only)", "ms", "images/s", "x D-DETR", "peak MiB"],
+        rows,
+    )
+
+
+if __name__ == "__main__":
+    main()
