@@ -64,8 +64,9 @@ def test_edge_case_threshold_above_every_candidate():
     # on level 0 alone the two candidates tie at 0.5: mean 0.5, std 0 -> both positive (>=)
     r = ATSSAssigner(topk=2).assign(level0, [4], gt)
     assert r.gt_inds.tolist() == [1, 1, 0, 0]
-    # a single candidate: std is NaN (unbiased, one sample) and nothing passes
-    r = ATSSAssigner(topk=1).assign(level0, [4], gt)
+    # a single candidate: std is NaN (unbiased, one sample; torch warns) and nothing passes
+    with pytest.warns(UserWarning):
+        r = ATSSAssigner(topk=1).assign(level0, [4], gt)
     assert (r.gt_inds == 0).all()
 
 
@@ -127,3 +128,13 @@ def test_levels_respect_topk_per_level_and_bad_input():
         ATSSAssigner().assign(priors, [25, 8], gt)
     with pytest.raises(ValueError, match="topk"):
         ATSSAssigner(topk=0)
+
+
+def test_candidate_stats_expose_the_threshold():
+    priors = grid_priors()
+    gt = torch.tensor([[15.0, 15.0, 35.0, 35.0]])
+    stats = ATSSAssigner(topk=9).candidate_stats(priors, [25], gt)
+    assert stats["candidate_idxs"].shape == (9, 1)
+    assert stats["candidate_idxs"][0, 0].item() == 12  # the nearest centre comes first
+    assert stats["threshold"][0].item() == pytest.approx(0.16376, abs=1e-4)
+    torch.testing.assert_close(stats["threshold"], stats["mean"] + stats["std"])

@@ -106,29 +106,16 @@ class ATSSAssigner:
             labels = None if gt_labels is None else gt_inds.new_full((num_priors,), -1)
             return AssignResult(num_gt, gt_inds, priors.new_zeros((num_priors,)), labels)
 
-        overlaps = bbox_overlaps(priors, gt_bboxes, check=False)  # [N, K]
-        priors_cx, priors_cy = _centers(priors)
-        gt_cx, gt_cy = _centers(gt_bboxes)
-        dx = priors_cx[:, None] - gt_cx[None, :]
-        dy = priors_cy[:, None] - gt_cy[None, :]
-        distances = (dx * dx + dy * dy).sqrt()  # [N, K]
-
-        if (
-            self.ignore_iof_thr > 0
-            and gt_bboxes_ignore is not None
-            and gt_bboxes_ignore.numel() > 0
-        ):
-            iof = bbox_overlaps(priors, gt_bboxes_ignore, mode="iof", check=False)
-            ignored = iof.max(dim=1).values > self.ignore_iof_thr
-            distances[ignored, :] = INF
+        overlaps, candidate_idxs, candidate_overlaps, ignored = self._candidates(
+            priors, num_level_priors, gt_bboxes, gt_bboxes_ignore
+        )
+        if ignored is not None:
             gt_inds[ignored] = -1
-
-        candidate_idxs = atss_candidates(distances, num_level_priors, self.topk)  # [C, K]
         gt_arange = torch.arange(num_gt, device=priors.device)
-        candidate_overlaps = overlaps[candidate_idxs, gt_arange]  # [C, K]
         thr = candidate_overlaps.mean(0) + candidate_overlaps.std(0)  # [K]
         is_pos = candidate_overlaps >= thr[None, :]
 
+        priors_cx, priors_cy = _centers(priors)
         # Candidate centre must lie inside the GT: its smallest distance to a side > 0.01.
         cand_cx, cand_cy = priors_cx[candidate_idxs], priors_cy[candidate_idxs]  # [C, K]
         side_dist = torch.stack(
@@ -152,6 +139,55 @@ class ATSSAssigner:
         assigned = max_overlaps != -INF
         gt_inds[assigned] = argmax_overlaps[assigned] + 1
         return AssignResult(num_gt, gt_inds, max_overlaps, _labels_of(gt_inds, gt_labels))
+
+    def _candidates(self, priors, num_level_priors, gt_bboxes, gt_bboxes_ignore):
+        """IoUs ``[N, K]``, candidate indices and IoUs ``[C, K]``, ignored priors (or None)."""
+        overlaps = bbox_overlaps(priors, gt_bboxes, check=False)  # [N, K]
+        priors_cx, priors_cy = _centers(priors)
+        gt_cx, gt_cy = _centers(gt_bboxes)
+        dx = priors_cx[:, None] - gt_cx[None, :]
+        dy = priors_cy[:, None] - gt_cy[None, :]
+        distances = (dx * dx + dy * dy).sqrt()  # [N, K]
+        ignored = None
+        if (
+            self.ignore_iof_thr > 0
+            and gt_bboxes_ignore is not None
+            and gt_bboxes_ignore.numel() > 0
+        ):
+            iof = bbox_overlaps(priors, gt_bboxes_ignore, mode="iof", check=False)
+            ignored = iof.max(dim=1).values > self.ignore_iof_thr
+            # Out of the nearest-centre ranking (mmdetection's INF distance).
+            distances[ignored, :] = INF
+        candidate_idxs = atss_candidates(distances, num_level_priors, self.topk)  # [C, K]
+        gt_arange = torch.arange(gt_bboxes.shape[0], device=priors.device)
+        return overlaps, candidate_idxs, overlaps[candidate_idxs, gt_arange], ignored
+
+    def candidate_stats(
+        self,
+        priors: Tensor,
+        num_level_priors: Sequence[int],
+        gt_bboxes: Tensor,
+        gt_bboxes_ignore: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """What the threshold is made of, for plots and exercises (``K >= 1``).
+
+        Returns:
+            ``{"candidate_idxs": LongTensor[C, K], "candidate_overlaps": Tensor[C, K],
+            "mean": Tensor[K], "std": Tensor[K], "threshold": Tensor[K]}`` with
+            ``C = sum over levels of min(topk, priors on the level)``.
+        """
+        priors, gt_bboxes = _check_gt(priors, gt_bboxes, None, gt_bboxes_ignore)
+        _, idxs, cand, _ = self._candidates(
+            priors, [int(n) for n in num_level_priors], gt_bboxes, gt_bboxes_ignore
+        )
+        mean, std = cand.mean(0), cand.std(0)
+        return {
+            "candidate_idxs": idxs,
+            "candidate_overlaps": cand,
+            "mean": mean,
+            "std": std,
+            "threshold": mean + std,
+        }
 
     def __repr__(self) -> str:
         return f"ATSSAssigner(topk={self.topk}, ignore_iof_thr={self.ignore_iof_thr})"
