@@ -75,7 +75,7 @@ def plot_offset_scaling(
 
     Args:
         spatial_shapes: ``(h, w)`` of each level.
-        offsets: Tensor[P, 2] raw offsets used on every level.
+        offsets: Tensor[heads, P, 2] raw offsets, used on every level.
         point: the reference centre ``(x, y)`` in [0, 1].
         boxes: ``(w, h)`` of the reference boxes drawn (centred on ``point``).
 
@@ -83,43 +83,34 @@ def plot_offset_scaling(
     the samples farther. Right: a box reference scales them by ``box / (2 P)``, the same on
     every level, so the samples follow the box.
     """
+    import matplotlib.cm as cm
     import matplotlib.pyplot as plt
 
     if axes is None:
         axes = plt.subplots(1, 2, figsize=(8.0, 4.0))[1]
     shapes = torch.tensor(spatial_shapes)
-    num_levels, num_points = len(spatial_shapes), offsets.shape[0]
-    off = offsets.view(1, 1, 1, 1, num_points, 2).expand(1, 1, 1, num_levels, num_points, 2)
+    offsets = offsets.detach().cpu()
+    num_heads, num_points, _ = offsets.shape
+    num_levels = len(spatial_shapes)
+    off = offsets[None, None, :, None].expand(1, 1, num_heads, num_levels, num_points, 2)
     ref = torch.tensor(point).view(1, 1, 1, 2).expand(1, 1, num_levels, 2)
-    locs = sampling_locations_from_offsets(ref, off, shapes)[0, 0, 0]  # [L, P, 2]
-    import matplotlib.cm as cm
-
+    locs = sampling_locations_from_offsets(ref, off, shapes)[0, 0]  # [heads, L, P, 2]
     for lvl in range(num_levels):
         c = cm.viridis(lvl / max(num_levels - 1, 1))
-        axes[0].scatter(
-            locs[lvl, :, 0],
-            locs[lvl, :, 1],
-            color=c,
-            s=16,
-            label=f"level {lvl} ({spatial_shapes[lvl][0]}x{spatial_shapes[lvl][1]})",
-        )
+        pts = locs[:, lvl].reshape(-1, 2)
+        h, w = spatial_shapes[lvl]
+        axes[0].scatter(pts[:, 0], pts[:, 1], color=c, s=16, label=f"level {lvl} ({h}x{w})")
     axes[0].set_title("2-d reference point: offset / (w, h)")
     for i, (bw, bh) in enumerate(boxes):
         box = (
             torch.tensor([point[0], point[1], bw, bh]).view(1, 1, 1, 4).expand(1, 1, num_levels, 4)
         )
-        locs = sampling_locations_from_offsets(box, off, shapes)[
-            0, 0, 0, 0
-        ]  # the same on every level
+        pts = sampling_locations_from_offsets(box, off, shapes)[0, 0, :, 0].reshape(-1, 2)
         c = cm.plasma(0.2 + 0.5 * i)
-        axes[1].scatter(locs[:, 0], locs[:, 1], color=c, s=16, label=f"box {bw:g} x {bh:g}")
-        draw_boxes(
-            axes[1],
-            [[point[0] - bw / 2, point[1] - bh / 2, point[0] + bw / 2, point[1] + bh / 2]],
-            color=c,
-            linewidth=1.0,
-        )
-    axes[1].set_title("4-d reference box: offset / P * wh / 2")
+        axes[1].scatter(pts[:, 0], pts[:, 1], color=c, s=16, label=f"box {bw:g} x {bh:g}")
+        corners = [point[0] - bw / 2, point[1] - bh / 2, point[0] + bw / 2, point[1] + bh / 2]
+        draw_boxes(axes[1], [corners], color=c, linewidth=1.0)
+    axes[1].set_title("4-d reference box: offset / P * wh / 2 (any level)")
     for ax in axes:
         ax.scatter([point[0]], [point[1]], marker="+", color="k", s=80)
         ax.set_xlim(0, 1)
