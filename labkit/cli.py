@@ -14,6 +14,7 @@ SUBCOMMAND_MODULES: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("labkit.run_notebooks", ("notebooks",), "run or list the numbered notebooks"),
     ("labkit.data.cli", ("data",), "generate or fetch datasets"),
     ("labkit.engine.cli", ("train", "eval"), "train or evaluate a detector"),
+    ("labkit.grading.cli", ("assignments",), "build student notebooks and grade submissions"),
 )
 
 
