@@ -18,7 +18,6 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from labkit.grading.cells import (
     Exercise,
@@ -56,7 +55,11 @@ def read_notebook(path: str | os.PathLike) -> dict:
 
 
 def dumps_notebook(nb: dict) -> str:
-    """Notebook JSON the way Jupyter writes it (1-space indent, sorted keys), byte-stable."""
+    """Notebook JSON the way Jupyter writes it (1-space indent, sorted keys, sources as lists
+    of lines), byte-stable."""
+    nb = dict(
+        nb, cells=[dict(c, source=cell_source(c).splitlines(keepends=True)) for c in nb["cells"]]
+    )
     return json.dumps(nb, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
 
 

@@ -11,6 +11,7 @@ seeds than the visible ones).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -23,8 +24,10 @@ __all__ = [
     "check_anchor_center",
     "check_atss_threshold",
     "check_base_anchors",
+    "check_bilinear_sample",
     "check_max_iou_assign",
     "check_pairwise_iou",
+    "check_sampling_locations",
 ]
 
 
@@ -442,6 +445,164 @@ def check_atss_threshold(
     return run_cases("atss_threshold", student_fn, cases, raise_on_fail=raise_on_fail, atol=1e-5)
 
 
+# ---------------------------------------------------------------------------------------
+# 04 deformable attention
+# ---------------------------------------------------------------------------------------
+
+
+def _sampling_hint(ref, offsets, shapes):
+    def hint(got, expected):
+        if not isinstance(got, Tensor) or got.shape != expected.shape:
+            return None
+        got = got.detach().double()
+        r, o = ref.double(), offsets.double()
+        if ref.shape[-1] == 2:
+            hw = shapes.double()[None, None, None, :, None, :]  # (h, w) used as (x, y) scale
+            if torch.allclose(got, r[:, :, None, :, None, :] + o / hw, atol=1e-5):
+                return "offsets are (x, y) but spatial_shapes is (h, w): divide x by w and y by h"
+            return None
+        p = o.shape[4]
+        rr = r[:, :, None, :, None, :]
+        for alt, text in (
+            (
+                rr[..., :2] + o * rr[..., 2:] * 0.5,
+                "for boxes, divide the offsets by the number of points",
+            ),
+            (
+                rr[..., :2] + o / p * rr[..., 2:],
+                "for boxes the offsets are in half-box units: times w/2, h/2",
+            ),
+        ):
+            if torch.allclose(got, alt, atol=1e-5):
+                return text
+        return None
+
+    return hint
+
+
+def check_sampling_locations(
+    student_fn: Callable, *, seed: int = 0, num_random: int = 4, raise_on_fail: bool = True
+) -> CheckResult:
+    """Exercise ``sampling_locations``: ``fn(reference_points, offsets, spatial_shapes)``.
+
+    ``reference_points: [bs, nq, L, 2]`` points or ``[bs, nq, L, 4]`` boxes (normalized),
+    ``offsets: [bs, nq, heads, L, P, 2]``, ``spatial_shapes: LongTensor[L, 2]`` ``(h, w)``;
+    returns ``[bs, nq, heads, L, P, 2]``. Compared with
+    :func:`labkit.detr.ms_deform_attn.sampling_locations_from_offsets`.
+    """
+    from labkit.detr.ms_deform_attn import sampling_locations_from_offsets
+
+    def one(ref, off):
+        return torch.tensor(ref, dtype=torch.float32).view(1, 1, -1, len(ref[0])), torch.tensor(
+            off, dtype=torch.float32
+        ).view(1, 1, 1, len(ref), -1, 2)
+
+    settings = []
+    ref, off = one([[0.5, 0.5]], [[1.0, 0.0]])
+    settings.append(
+        ("a point, offset (1, 0) on a 10 x 20 (h x w) level: x moves 1/20", ref, off, [[10, 20]])
+    )
+    ref, off = one([[0.25, 0.75]], [[2.0, 1.0]])
+    settings.append(("a point on a non-square 4 x 16 level: x by w, y by h", ref, off, [[4, 16]]))
+    ref, off = one([[0.3, 0.6]], [[0.0, 0.0]])
+    settings.append(("zero offsets sample at the reference point", ref, off, [[7, 9]]))
+    ref, off = one([[0.5, 0.5, 0.2, 0.4]], [[1.0, 1.0], [-2.0, 0.5]])
+    settings.append(("a reference box with 2 points: offset / P * (w, h) / 2", ref, off, [[8, 8]]))
+    ref, off = one([[0.1, 0.2], [0.1, 0.2]], [[1.0, 1.0], [1.0, 1.0]])
+    settings.append(("the same offset on two levels (8 x 8 and 2 x 4)", ref, off, [[8, 8], [2, 4]]))
+    g = torch.Generator().manual_seed(6000 + seed)
+    for i in range(num_random):
+        bs, nq, heads, levels, points = (
+            int(torch.randint(1, n, (1,), generator=g)) for n in (3, 5, 4, 4, 5)
+        )
+        shapes = torch.randint(1, 30, (levels, 2), generator=g)
+        dim = 2 if i % 2 == 0 else 4
+        ref = torch.rand(bs, nq, levels, dim, generator=g)
+        off = torch.randn(bs, nq, heads, levels, points, 2, generator=g) * 3
+        kind = "points" if dim == 2 else "boxes"
+        settings.append(
+            (
+                f"random {kind}, {levels} levels, {points} points (seed {seed})",
+                ref,
+                off,
+                shapes.tolist(),
+            )
+        )
+    cases = []
+    for name, ref, off, shapes in settings:
+        shapes = torch.tensor(shapes, dtype=torch.long)
+        expected = sampling_locations_from_offsets(ref, off, shapes)
+        cases.append(
+            Case(
+                name,
+                {"reference_points": ref, "offsets": off, "spatial_shapes": shapes},
+                expected,
+                hint=_sampling_hint(ref, off, shapes),
+            )
+        )
+    return run_cases(
+        "sampling_locations", student_fn, cases, raise_on_fail=raise_on_fail, atol=1e-5
+    )
+
+
+def _grid_sample_at(
+    value_map: Tensor, x: float, y: float, align_corners: bool = False, padding: str = "zeros"
+) -> float:
+    import torch.nn.functional as F
+
+    grid = torch.tensor([[[[2 * x - 1, 2 * y - 1]]]], dtype=torch.float64)
+    out = F.grid_sample(
+        value_map.double()[None, None],
+        grid,
+        mode="bilinear",
+        padding_mode=padding,
+        align_corners=align_corners,
+    )
+    return float(out)
+
+
+def check_bilinear_sample(
+    student_fn: Callable, *, seed: int = 0, num_random: int = 6, raise_on_fail: bool = True
+) -> CheckResult:
+    """Exercise ``bilinear_sample``: ``fn(value_map[h, w], x, y) -> float``.
+
+    The value at normalized ``(x, y)`` exactly as ``grid_sample(align_corners=False,
+    padding_mode="zeros")`` reads it (what multi-scale deformable attention uses): pixel
+    ``j``'s centre is at ``(j + 0.5) / w``, neighbours outside the map count as 0.
+    """
+    g = torch.Generator().manual_seed(7000 + seed)
+    vm = torch.arange(1.0, 16.0).view(3, 5)
+    settings = [
+        ("exactly on the centre of pixel (row 1, col 2)", vm, 2.5 / 5, 1.5 / 3),
+        ("halfway between 4 pixel centres", vm, 2.0 / 5, 1.0 / 3),
+        ("on the left edge of the map: half of the neighbours are outside", vm, 0.0, 0.5),
+        ("a corner (0, 0): only one neighbour inside, weight 1/4", vm, 0.0, 0.0),
+        ("far outside the map: 0", vm, -0.5, 0.5),
+        ("just below the bottom edge", vm, 0.37, 1.1),
+        ("a 1 x 1 map", torch.tensor([[4.0]]), 0.3, 0.6),
+    ]
+    for _ in range(num_random):
+        h, w = (int(torch.randint(1, 8, (1,), generator=g)) for _ in range(2))
+        m = torch.randn(h, w, generator=g).mul(10).round().div(10)
+        x, y = (round(float(v), 3) for v in torch.rand(2, generator=g) * 1.2 - 0.1)
+        settings.append((f"random {h} x {w} map (seed {seed})", m, x, y))
+    cases = []
+    for name, m, x, y in settings:
+
+        def hint(got, expected, m=m, x=x, y=y):
+            got = float(got)
+            if math.isclose(got, _grid_sample_at(m, x, y, align_corners=True), abs_tol=1e-5):
+                return "that is align_corners=True; here pixel j's centre is at (j + 0.5) / w: px = x * w - 0.5"
+            if math.isclose(got, _grid_sample_at(m, x, y, padding="border"), abs_tol=1e-5):
+                return "neighbours outside the map count as 0 (padding_mode='zeros'), do not clamp to the border"
+            return None
+
+        cases.append(
+            Case(name, {"value_map": m, "x": x, "y": y}, _grid_sample_at(m, x, y), hint=hint)
+        )
+    return run_cases("bilinear_sample", student_fn, cases, raise_on_fail=raise_on_fail, atol=1e-5)
+
+
 # Exercise id -> check; the grader and the docs list exercises from here.
 EXERCISES: dict[str, Callable[..., CheckResult]] = {
     "pairwise_iou": check_pairwise_iou,
@@ -449,4 +610,6 @@ EXERCISES: dict[str, Callable[..., CheckResult]] = {
     "anchor_center": check_anchor_center,
     "max_iou_assign": check_max_iou_assign,
     "atss_threshold": check_atss_threshold,
+    "sampling_locations": check_sampling_locations,
+    "bilinear_sample": check_bilinear_sample,
 }

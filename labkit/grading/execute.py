@@ -37,7 +37,10 @@ def execute(
             output_path,
             parameters=parameters,
             kernel_name=kernel,
-            cwd=cwd,
+            # The kernel starts in ``cwd`` (nbclient's resources path); papermill's own ``cwd``
+            # would move this process there too, and a notebook deleting its working
+            # directory would then break every save of the executed notebook.
+            resources={"metadata": {"path": cwd}},
             progress_bar=False,
             log_output=False,
             execution_timeout=cell_timeout,

@@ -27,6 +27,9 @@ __all__ = [
 # The grader reads check results back from executed notebooks through this MIME type (the
 # ``text/plain`` twin is what a student sees), like labkit.notebook's metrics.
 CHECK_MIME = "application/vnd.labkit.check+json"
+# The grader ends each check cell it runs with a display of this type: its presence proves
+# the cell ran to its last line (an error, a dead kernel or a kill leaves none).
+DONE_MIME = "application/vnd.labkit.check-done+json"
 
 NOT_RUN = "not run (implement the function first)"
 
@@ -399,22 +402,3 @@ def run_cases(
     if failed and raise_on_fail:
         raise CheckFailed(result.report())
     return result
-
-
-# The grader appends a call to this at the end of every check cell it runs: the bundle it
-# displays proves the cell ran to its last line (an error, a dead kernel or a kill leaves none).
-DONE_MIME = "application/vnd.labkit.check-done+json"
-
-
-def cell_done(exercise: str, index: int = 0) -> None:
-    """Mark the end of a check cell in a grading run (called by the grader's copy of the cell)."""
-    from labkit.notebook import _in_ipython
-
-    if _in_ipython():
-        from IPython.display import display
-
-        payload = {"exercise": exercise, "index": index}
-        display(
-            {DONE_MIME: payload, "text/plain": f"[labkit grader] {exercise}: check cell done"},
-            raw=True,
-        )

@@ -115,10 +115,15 @@ class StudentGrades:
 
 
 def _done_line(ex_id: str, index: int) -> str:
+    # Plain IPython, no labkit import: a check cell that needs no torch stays torch-free.
+    payload = {
+        DONE_MIME: {"exercise": ex_id, "index": index},
+        "text/plain": f"[labkit grader] {ex_id}: done",
+    }
     return (
         "\n\n# labkit grader: this check cell ran to its end\n"
-        "import labkit.grading.feedback as _labkit_feedback\n"
-        f"_labkit_feedback.cell_done({ex_id!r}, {index})"
+        "from IPython.display import display as _labkit_display\n"
+        f"_labkit_display({payload!r}, raw=True)"
     )
 
 
@@ -250,8 +255,11 @@ def run_submission(
     name = Path(submission_path).name
     with (
         tempfile.TemporaryDirectory(prefix="labkit-grader-", ignore_cleanup_errors=True) as private,
-        tempfile.TemporaryDirectory(prefix="labkit-sandbox-", ignore_cleanup_errors=True) as work,
+        tempfile.TemporaryDirectory(prefix="labkit-sandbox-", ignore_cleanup_errors=True) as box,
     ):
+        # work/ inside a private folder: even "../" from the kernel stays in the sandbox.
+        work = os.path.join(box, "work")
+        os.mkdir(work)
         copy_in = Path(work) / name
         shutil.copyfile(submission_path, copy_in)
         copy_in.chmod(0o444)
@@ -265,7 +273,7 @@ def run_submission(
         if cell_timeout:
             cmd += ["--cell-timeout", str(cell_timeout)]
         proc = subprocess.Popen(
-            cmd, cwd=work, stdout=subprocess.PIPE, stderr=log, start_new_session=True, text=True
+            cmd, cwd=private, stdout=subprocess.PIPE, stderr=log, start_new_session=True, text=True
         )
         try:
             out, _ = proc.communicate(timeout=total_timeout)
@@ -303,7 +311,7 @@ def _text(value) -> str:
     return "".join(value) if isinstance(value, list) else str(value)
 
 
-def _error_tail(output: dict, lines: int = 8) -> str:
+def _error_tail(output: dict, lines: int = 12) -> str:
     tb = _ANSI.sub("", "\n".join(output.get("traceback", [])))
     tb = _KERNEL_FILE.sub("<notebook cell>", tb)
     tail = [line for line in tb.splitlines() if line.strip()][-lines:]
