@@ -75,14 +75,15 @@ class RoIExtractor(nn.Module):
         return len(self.featmap_strides)
 
     def _pool(self, feat: Tensor, rois: Tensor, level: int) -> Tensor:
+        # float32 like mmdetection's force_fp32: bf16 RoI coordinates would be off by pixels
         return roi_align(
-            feat,
+            feat.float(),
             rois,
             self.output_size,
             spatial_scale=1.0 / self.featmap_strides[level],
             sampling_ratio=self.sampling_ratio,
             aligned=self.aligned,
-        )
+        ).to(feat.dtype)
 
     def forward(self, feats: Sequence[Tensor], rois: Tensor) -> Tensor:
         """``feats[l]: Tensor[B, C, H_l, W_l]``, ``rois: Tensor[K, 5]`` -> ``Tensor[K, C, S, S]``."""
@@ -97,7 +98,7 @@ class RoIExtractor(nn.Module):
             )
         feats = list(feats[: self.num_inputs])
         size = self.output_size
-        rois = rois.to(feats[0].dtype)
+        rois = rois.float()
         roi_feats = feats[0].new_zeros(rois.shape[0], feats[0].shape[1], size, size)
         if self.num_inputs == 1:
             return roi_feats if rois.shape[0] == 0 else self._pool(feats[0], rois, 0)
