@@ -68,3 +68,21 @@ def test_kernel_matches_reference_cuda(dtype):
         strict=True,
     ):
         torch.testing.assert_close(a.float(), b, atol=tol * 10, rtol=tol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_module_under_bf16_autocast_uses_the_kernel():
+    from labkit.detr.ms_deform_attn import MultiScaleDeformableAttention
+
+    torch.manual_seed(0)
+    attn = MultiScaleDeformableAttention(64, 4, 2, 4, dropout=0.0, batch_first=True).cuda()
+    shapes = torch.tensor([[9, 11], [5, 6]], device="cuda")
+    query = torch.randn(2, 20, 64, device="cuda")
+    value = torch.randn(2, 129, 64, device="cuda")
+    ref = torch.rand(2, 20, 2, 4, device="cuda")
+    expected = attn(query, value=value, reference_points=ref, spatial_shapes=shapes)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = attn(query, value=value, reference_points=ref, spatial_shapes=shapes)
+    out.float().sum().backward()
+    torch.testing.assert_close(out.float(), expected, atol=5e-2, rtol=5e-2)
+    assert attn.sampling_offsets.weight.grad is not None

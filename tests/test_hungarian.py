@@ -171,3 +171,15 @@ def test_assign_errors():
             torch.tensor([1]),
             (10, 10),
         )
+
+
+def test_nan_predictions_give_a_clear_error():
+    scores = torch.full((2, 3), float("nan"))
+    with pytest.raises(FloatingPointError, match="NaN"):
+        HungarianAssigner().assign(
+            scores,
+            torch.tensor([[0.0, 0, 1, 1]] * 2),
+            torch.tensor([[0.0, 0, 2, 2]]),
+            torch.tensor([1]),
+            (10, 10),
+        )

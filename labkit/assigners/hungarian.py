@@ -207,6 +207,12 @@ class HungarianAssigner:
             )
             cost = self.cost_matrix(cls_scores, pred_bboxes, pad_boxes, pad_labels, shapes)
             cost = cost.detach().float().cpu()
+            if not torch.isfinite(cost).all():
+                # scipy would fail with "matrix contains invalid numeric entries"
+                raise FloatingPointError(
+                    "HungarianAssigner: the matching cost has NaN/inf entries (NaN predictions? "
+                    "the model may have diverged)"
+                )
         results = []
         for i in range(bs):
             gt_inds = torch.full((num_preds,), -1, dtype=torch.long, device=device)
