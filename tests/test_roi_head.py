@@ -216,6 +216,11 @@ def test_empty_gt_images():
     assert float(losses["loss_bbox"].detach()) == 0.0 and torch.isfinite(losses["loss_cls"])
     assert pos.num_positives == [0]
     sum(v for k, v in losses.items() if "loss" in k).backward()
+    # no proposals: the GT added as a proposal is the only RoI; nothing at all still works
+    losses, pos = roi.loss(feats_for(1), [torch.zeros(0, 4)], batch_of([GT], [torch.tensor([1])]))
+    assert pos.num_positives == [1] and torch.isfinite(losses["loss_bbox"])
+    losses, pos = roi.loss(feats_for(1), [torch.zeros(0, 4)], none)
+    assert set(losses) == {"loss_cls", "acc", "loss_bbox"} and pos.num_positives == [0]
 
 
 def test_multiclass_nms_hand_case():

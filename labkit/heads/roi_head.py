@@ -178,8 +178,9 @@ class Shared2FCBBoxHead(nn.Module):
                 cls_score, labels, label_weights, avg_factor=avg_factor
             )
             losses["acc"] = accuracy(cls_score.detach(), labels)
-        else:
+        else:  # no RoI at all (no proposals, no GT): keep the keys stable for logging
             losses["loss_cls"] = cls_score.sum() * 0
+            losses["acc"] = cls_score.new_tensor(0.0)
         pos = (labels >= 0) & (labels < self.num_classes)
         if pos.any():
             if self.reg_decoded_bbox:
