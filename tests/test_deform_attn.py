@@ -292,3 +292,16 @@ def test_module_errors():
         )
     with pytest.raises(ValueError, match="query"):
         attn(query[..., :8], value=value, reference_points=ref, spatial_shapes=shapes)
+
+
+def test_value_proj_ratio():
+    attn = MultiScaleDeformableAttention(
+        16, 4, 2, 3, dropout=0.0, batch_first=True, value_proj_ratio=2.0
+    )
+    assert attn.value_proj.out_features == 32 and attn.output_proj.in_features == 32
+    query, value, pos, ref, shapes = _module_inputs()
+    assert (
+        attn(query, value=value, reference_points=ref, spatial_shapes=shapes).shape == query.shape
+    )
+    with pytest.raises(ValueError, match="value_proj_ratio"):
+        MultiScaleDeformableAttention(16, 4, value_proj_ratio=0.3)

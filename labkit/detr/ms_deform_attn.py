@@ -240,6 +240,8 @@ class MultiScaleDeformableAttention(nn.Module):
         im2col_step: accepted for mmcv compatibility; the fused kernel needs no batching step.
         dropout: dropout on the output before the residual is added.
         batch_first: inputs are ``[bs, n, c]`` (else ``[n, bs, c]``, mmcv's default).
+        value_proj_ratio: ``value_proj`` maps to ``int(embed_dims * value_proj_ratio)``
+            channels (split over the heads); ``output_proj`` maps back (mmcv 2.x).
     """
 
     def __init__(
@@ -251,6 +253,7 @@ class MultiScaleDeformableAttention(nn.Module):
         im2col_step: int = 64,
         dropout: float = 0.1,
         batch_first: bool = False,
+        value_proj_ratio: float = 1.0,
     ) -> None:
         super().__init__()
         for name, val in (
@@ -281,8 +284,14 @@ class MultiScaleDeformableAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.sampling_offsets = nn.Linear(embed_dims, num_heads * num_levels * num_points * 2)
         self.attention_weights = nn.Linear(embed_dims, num_heads * num_levels * num_points)
-        self.value_proj = nn.Linear(embed_dims, embed_dims)
-        self.output_proj = nn.Linear(embed_dims, embed_dims)
+        value_proj_size = int(embed_dims * value_proj_ratio)
+        if value_proj_size <= 0 or value_proj_size % num_heads:
+            raise ValueError(
+                f"value_proj_ratio: embed_dims * value_proj_ratio = {value_proj_size} must be a "
+                f"positive multiple of num_heads={num_heads}"
+            )
+        self.value_proj = nn.Linear(embed_dims, value_proj_size)
+        self.output_proj = nn.Linear(value_proj_size, embed_dims)
         self.init_weights()
 
     def init_weights(self) -> None:
