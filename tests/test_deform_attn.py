@@ -304,4 +304,4 @@ def test_value_proj_ratio():
         attn(query, value=value, reference_points=ref, spatial_shapes=shapes).shape == query.shape
     )
     with pytest.raises(ValueError, match="value_proj_ratio"):
-        MultiScaleDeformableAttention(16, 4, value_proj_ratio=0.3)
+        MultiScaleDeformableAttention(16, 4, value_proj_ratio=0.2)
