@@ -186,6 +186,10 @@ def test_empty_gt_is_valid():
     assert pos.num_positives == [0]
     sum(losses.values()).backward()
     assert head.rpn_cls.weight.grad is not None
+    # class-free data (RPN only): positives report class 0
+    gts = [torch.tensor([[8.0, 8.0, 40.0, 40.0]])]
+    _, _, pos = head.loss_and_predict(feats, {"gt_bboxes": gts, "img_metas": [meta(64, 64)]})
+    assert pos.num_positives[0] > 0 and set(pos.labels[0].tolist()) == {0}
 
 
 def test_bad_input_names_the_argument():

@@ -60,6 +60,16 @@ def rpn_anchor_generator(strides: tuple[int, ...] = (4, 8, 16, 32, 64)) -> Ancho
     return AnchorGenerator(strides=list(strides), ratios=[0.5, 1.0, 2.0], scales=[8])
 
 
+def _labels_of(batch: dict) -> list[Tensor]:
+    """The batch's ``gt_labels``, or class 0 for every box when a batch has none (RPN-only data)."""
+    if batch.get("gt_labels") is not None:
+        return batch["gt_labels"]
+    boxes = batch["gt_bboxes"]
+    if not isinstance(boxes, (list, tuple)):
+        return boxes  # check_gt_instances reports the bad gt_bboxes
+    return [torch.zeros(len(b), dtype=torch.long, device=b.device) for b in boxes]
+
+
 def make_proposal_cfg(value: TestConfig | dict | None, **defaults: object) -> TestConfig:
     """A proposal ``TestConfig`` (``score_thr`` is not used by the RPN) from a dict or ``None``."""
     return make_test_cfg(value, **{**RPN_TEST_CFG, "score_thr": 0.0, **defaults})
@@ -211,7 +221,7 @@ class RPNHead(AnchorHead):
     def loss(self, feats: list[Tensor], batch: dict) -> dict[str, Tensor]:
         """``{"loss_rpn_cls", "loss_rpn_bbox"}`` of a collated ``batch`` (class labels are ignored)."""
         gt_bboxes, gt_ignore = batch["gt_bboxes"], batch.get("gt_bboxes_ignore")
-        check_gt_instances(gt_bboxes, batch["gt_labels"], _ANY_CLASS, gt_ignore, batch["img_metas"])
+        check_gt_instances(gt_bboxes, _labels_of(batch), _ANY_CLASS, gt_ignore, batch["img_metas"])
         cls_scores, bbox_preds = self(feats)
         losses, _ = self.loss_and_targets(
             cls_scores,
@@ -229,8 +239,9 @@ class RPNHead(AnchorHead):
 
         Args:
             feats: per level ``Tensor[B, C, H_l, W_l]``.
-            batch: ``labkit.data.collate`` output (``gt_bboxes``, ``gt_labels``, ``img_metas``,
-                optional ``gt_bboxes_ignore``).
+            batch: ``labkit.data.collate`` output (``gt_bboxes``, ``img_metas``, optional
+                ``gt_labels`` -- only the positives report them, 0 when absent -- and
+                ``gt_bboxes_ignore``).
             proposal_cfg: overrides ``self.train_proposal_cfg``.
 
         Returns:
@@ -238,7 +249,7 @@ class RPNHead(AnchorHead):
             ``{"boxes": Tensor[N_i, 4], "scores": Tensor[N_i], "labels": zeros}`` (detached,
             resized-image pixels); ``AuxPositives`` of the sampled positive anchors.
         """
-        gt_bboxes, gt_labels = batch["gt_bboxes"], batch["gt_labels"]
+        gt_bboxes, gt_labels = batch["gt_bboxes"], _labels_of(batch)
         gt_ignore = batch.get("gt_bboxes_ignore")
         metas = batch["img_metas"]
         check_gt_instances(gt_bboxes, gt_labels, _ANY_CLASS, gt_ignore, metas)
