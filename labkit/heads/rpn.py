@@ -50,7 +50,6 @@ from labkit.nn.init import normal_init
 
 # mmdetection's faster_rcnn_r50_fpn settings.
 RPN_TEST_CFG = {"nms_pre": 1000, "iou_threshold": 0.7, "max_per_img": 1000, "min_bbox_size": 0}
-RPN_TRAIN_PROPOSAL_CFG = {**RPN_TEST_CFG, "nms_pre": 2000}
 # The RPN is class-agnostic but reports its positives' classes: any label >= 0 is accepted.
 _ANY_CLASS = 1 << 62
 
@@ -130,6 +129,7 @@ class RPNHead(AnchorHead):
             allowed_border=allowed_border,
             test_cfg=make_proposal_cfg(test_cfg),
         )
+        # mmdetection's rpn_proposal: twice the test-time candidates per level while training
         self.train_proposal_cfg = make_proposal_cfg(train_proposal_cfg, nms_pre=2000)
         self.in_channels = in_channels
         self.feat_channels = feat_channels
