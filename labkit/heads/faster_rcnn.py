@@ -203,7 +203,7 @@ def codetr_faster_rcnn_head(
 
 def faster_rcnn(
     num_classes: int,
-    backbone: str = "resnet50",
+    backbone: str = "resnet18",
     *,
     fpn_channels: int | None = None,
     fc_out_channels: int | None = None,
@@ -213,7 +213,9 @@ def faster_rcnn(
     """Faster R-CNN with FPN (mmdetection's ``faster-rcnn_r50_fpn_1x``), no pretrained weights.
 
     Backbone C2-C5 -> FPN P2-P6 (P6 by stride-2 max-pooling) -> ``faster_rcnn_head``.
-    ``backbone="tiny"`` is the CPU configuration: 64-channel FPN and 256-wide FCs.
+    The default ResNet-18 matches labkit's other recipes; ``backbone="resnet50"`` is
+    mmdetection's configuration. ``backbone="tiny"`` is the CPU configuration: 64-channel FPN
+    and 256-wide FCs.
 
     Args:
         num_classes: foreground classes (5 for shapes).
