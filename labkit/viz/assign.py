@@ -110,6 +110,7 @@ def plot_positives(
     ax: Any = None,
     title: str | None = None,
     show_boxes: bool = False,
+    class_names: Sequence[str] | None = None,
 ) -> Any:
     """The image, its GTs, and the centres of every positive prior coloured by FPN level.
 
@@ -118,7 +119,7 @@ def plot_positives(
     """
     ax = show_image(img, ax=ax, title=title)
     labels = None if gt_labels is None else gt_labels.cpu()
-    draw_boxes(ax, gt_bboxes.cpu(), labels=labels, linewidth=1.2)
+    draw_boxes(ax, gt_bboxes.cpu(), labels=labels, class_names=class_names, linewidth=1.2)
     levels = level_of_priors(num_level_priors)
     pos = torch.nonzero(result.gt_inds.cpu() > 0).squeeze(1)
     priors = priors.cpu()
