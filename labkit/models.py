@@ -13,6 +13,7 @@ from torch import nn
 
 from labkit.detr.deformable_detr import deformable_detr
 from labkit.heads.atss import atss
+from labkit.heads.faster_rcnn import faster_rcnn
 from labkit.heads.fcos import fcos
 from labkit.heads.fovea import foveabox
 from labkit.heads.fsaf import fsaf
@@ -28,6 +29,7 @@ RECIPES: dict[str, Callable[..., nn.Module]] = {
     "foveabox": foveabox,
     "fsaf": fsaf,
     "reppoints": reppoints,
+    "faster_rcnn": faster_rcnn,
     "deformable_detr": deformable_detr,
 }
 
