@@ -13,13 +13,15 @@ input's device. It follows scikit-learn step by step so both give the same answe
   iteration never stops: the previous bound is ``-inf``) or after ``max_iter`` iterations;
   the parameters kept are those after the last M-step;
 - each sample's mixture stops on its own iteration, as a separate scikit-learn fit would;
-- one batched matrix product per step: the design rows ``(1, x, x^2)`` times per-component
-  coefficients give the log-likelihoods (the quadratic expanded, as scikit-learn does for
-  ``diag``/``spherical``), and ``resp^T @ (1, x, x^2)`` gives the M-step's sums; mixtures that
-  have stopped leave the batch. Results match scikit-learn to ~1e-12 (rounding order).
+- each component's log-likelihood is a quadratic in ``x`` (``c0 + c1 x + c2 x^2``, expanded as
+  scikit-learn does for ``diag``/``spherical``) and the M-step's sums are one batched product
+  ``resp @ (1, x, x^2)``; mixtures that have stopped leave the batch. Results match
+  scikit-learn to rounding (parameters to ~1e-9 relative or better; the same iteration
+  counts and predictions in the tests).
 
 In one dimension the four covariance types reduce to: ``full``, ``diag`` and ``spherical``
--- one variance per component (the same numbers, computed in slightly different orders);
+-- one variance per component (scikit-learn computes them in slightly different orders, labkit
+identically);
 ``tied`` -- one variance shared by both components.
 
 :func:`fit_gmm_1d_sklearn` is the reference: one scikit-learn fit per row.
