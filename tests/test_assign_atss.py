@@ -138,3 +138,67 @@ def test_candidate_stats_expose_the_threshold():
     assert stats["candidate_idxs"][0, 0].item() == 12  # the nearest centre comes first
     assert stats["threshold"][0].item() == pytest.approx(0.16376, abs=1e-4)
     torch.testing.assert_close(stats["threshold"], stats["mean"] + stats["std"])
+
+
+def reference_atss(priors, num_level_priors, gt_bboxes, topk, ignore=None, ignore_iof_thr=-1):
+    """mmdetection's steps written out plainly (flattened-index form, loop over GTs)."""
+    from labkit.boxes import bbox_overlaps
+
+    big = 100000000
+    num_gt, num_priors = len(gt_bboxes), len(priors)
+    overlaps = bbox_overlaps(priors, gt_bboxes)
+    gt_inds = torch.zeros(num_priors, dtype=torch.long)
+    gc = (gt_bboxes[:, :2] + gt_bboxes[:, 2:]) / 2.0
+    pc = (priors[:, :2] + priors[:, 2:]) / 2.0
+    distances = (pc[:, None, :] - gc[None, :, :]).pow(2).sum(-1).sqrt()
+    if ignore is not None and ignore_iof_thr > 0:
+        ign = bbox_overlaps(priors, ignore, mode="iof").max(dim=1).values > ignore_iof_thr
+        distances[ign, :] = big
+        gt_inds[ign] = -1
+    cands, start = [], 0
+    for n in num_level_priors:
+        _, idx = distances[start : start + n].topk(min(topk, n), dim=0, largest=False)
+        cands.append(idx + start)
+        start += n
+    cands = torch.cat(cands)
+    cand_ov = overlaps[cands, torch.arange(num_gt)]
+    is_pos = cand_ov >= (cand_ov.mean(0) + cand_ov.std(0))[None, :]
+    for k in range(num_gt):
+        cands[:, k] += k * num_priors
+    ex = pc[:, 0].repeat(num_gt)
+    ey = pc[:, 1].repeat(num_gt)
+    flat = cands.view(-1)
+    d = torch.stack(
+        [
+            ex[flat].view(-1, num_gt) - gt_bboxes[:, 0],
+            ey[flat].view(-1, num_gt) - gt_bboxes[:, 1],
+            gt_bboxes[:, 2] - ex[flat].view(-1, num_gt),
+            gt_bboxes[:, 3] - ey[flat].view(-1, num_gt),
+        ],
+        dim=1,
+    )
+    is_pos &= d.min(dim=1).values > 0.01
+    inf = torch.full_like(overlaps, -big).t().contiguous().view(-1)
+    index = flat[is_pos.view(-1)]
+    inf[index] = overlaps.t().contiguous().view(-1)[index]
+    max_ov, argmax = inf.view(num_gt, -1).t().max(dim=1)
+    gt_inds[max_ov != -big] = argmax[max_ov != -big] + 1
+    return gt_inds, max_ov
+
+
+def test_matches_a_plain_reference_on_random_scenes():
+    gen = torch.Generator().manual_seed(0)
+    priors = torch.cat(
+        [grid_priors(16, 8.0, 32.0), grid_priors(8, 16.0, 64.0), grid_priors(4, 32.0, 128.0)]
+    )
+    levels = [256, 64, 16]
+    for trial in range(20):
+        k = int(torch.randint(1, 12, (1,), generator=gen))
+        xy = torch.rand(k, 2, generator=gen) * 100
+        wh = torch.rand(k, 2, generator=gen) * 60 + 4
+        gts = torch.cat([xy, xy + wh], 1).round()  # integer boxes: plenty of distance ties
+        ignore = torch.tensor([[0.0, 0.0, 40.0, 30.0]]) if trial % 2 else None
+        r = ATSSAssigner(9, ignore_iof_thr=0.5).assign(priors, levels, gts, gt_bboxes_ignore=ignore)
+        ref_inds, ref_max = reference_atss(priors, levels, gts, 9, ignore, 0.5)
+        assert torch.equal(r.gt_inds, ref_inds), trial
+        assert torch.equal(r.max_overlaps, ref_max), trial
