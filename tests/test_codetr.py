@@ -284,3 +284,30 @@ def test_look_forward_twice_lets_the_next_layer_train_the_box_head():
         out["all_bbox_preds"][1].sum().backward()  # only the second layer's boxes
         grad = model.reg_branches[0][-1].weight.grad  # the zero-initialised last FC
         assert (grad is not None and grad.abs().sum() > 0) == expect_grad
+
+
+# ----------------------------------------------------------------------- notebook analysis
+def test_positives_per_layer_and_auc_hand_cases():
+    from labkit.codetr.analysis import _auc, positives_per_layer
+
+    counts = positives_per_layer(5, {"atss": 40, "rcnn": 12}, num_layers=3)
+    assert counts == {"hungarian": [5, 5, 5], "atss": [40, 40, 40], "rcnn": [12, 12, 12]}
+    scores = torch.tensor([0.9, 0.2, 0.5, 0.5, 0.1])
+    labels = torch.tensor([True, False, True, False, False])
+    # pairs (pos, neg): 0.9 beats all 3; 0.5 beats 0.2 and 0.1, ties 0.5 -> (3 + 2.5) / 6
+    assert _auc(scores, labels) == pytest.approx(5.5 / 6)
+
+
+def test_one_to_one_positives_and_encoder_probe_run_on_a_batch():
+    from labkit.codetr.analysis import encoder_separability, one_to_one_positives
+
+    batch = make_batch()
+    model = tiny(("atss",))
+    matched = one_to_one_positives(model, batch)
+    assert [len(m.query_inds) for m in matched] == [2, 1]
+    assert matched[0].reference_boxes.shape == (2, 4)
+    probe = encoder_separability(model, batch, batch)
+    assert 0.0 <= probe["auc"] <= 1.0 and probe["fisher_ratio"] >= 0
+    norm, fg, valid = probe["maps"][0]
+    assert norm.shape == fg.shape == valid.shape == (16, 16)  # stride 8 of the 128 x 128 batch
+    assert fg[valid].any() and (~fg[valid]).any()
