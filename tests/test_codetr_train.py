@@ -138,3 +138,29 @@ def test_two_process_ddp_keeps_ranks_in_sync(tmp_path):
         assert torch.equal(value, ranks[1]["params"][key]), key
     assert ranks[0]["losses"] == ranks[1]["losses"]  # logged losses are all-reduced
     assert not torch.equal(ranks[0]["params"]["level_embed"], model().level_embed)
+
+
+@pytest.mark.slow
+def test_cli_trains_co_detr_with_its_own_schedule(tmp_path):
+    import argparse
+
+    from labkit.engine.cli import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(), {"co_deformable_detr": co_deformable_detr})
+    args = parser.parse_args(
+        ["train", "--model", "co_deformable_detr", "--model-arg", "backbone='tiny'"]
+        + ["--model-arg", "aux=('atss',)", "--model-arg", "num_queries=10", "--max-iters", "1"]
+        + ["--image-size", "96", "--no-eval", "--no-progress", "--work-dir", str(tmp_path)]
+    )
+    assert args.func(args) == 0
+    ckpt = torch.load(tmp_path / "latest.pth", weights_only=True)
+    cfg = ckpt["config"]
+    assert (cfg["optimizer"], cfg["lr"], cfg["max_norm"], cfg["weight_decay"]) == (
+        "adamw",
+        2e-4,
+        0.1,
+        1e-4,
+    )
+    assert cfg["lr_mult"] == {"backbone": 0.1, "sampling_offsets": 0.1, "reference_points": 0.1}
+    assert ckpt["recipe"]["kwargs"]["aux"] == ("atss",)

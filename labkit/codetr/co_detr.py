@@ -24,6 +24,7 @@ the positive queries are skipped, so the cost equals Deformable-DETR's with the 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -286,7 +287,8 @@ def co_deformable_detr(
         rcnn_fc_channels: the RoI head's FC width (``None``: 1024, tiny 128).
 
     Returns:
-        A :class:`CoDETR` with ``model.recipe == ("co_deformable_detr", {...kwargs})``.
+        A :class:`CoDETR` with ``model.recipe == ("co_deformable_detr", {...kwargs})`` and
+        ``model.train_config`` (the fields of :func:`train_config`, used by ``labkit train``).
     """
     kwargs = dict(locals())
     kwargs["aux"] = list(aux)
@@ -339,6 +341,8 @@ def co_deformable_detr(
         max_per_img=max_per_img,
     )
     model.recipe = ("co_deformable_detr", kwargs)
+    # `labkit train` starts from this schedule (command-line flags override it)
+    model.train_config = dataclasses.asdict(train_config())
     return model
 
 
