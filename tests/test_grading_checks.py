@@ -13,6 +13,7 @@ from labkit.assigners.max_iou import assign_wrt_overlaps
 from labkit.boxes import bbox_overlaps
 from labkit.detr.ms_deform_attn import sampling_locations_from_offsets
 from labkit.grading.feedback import CheckFailed, compare, format_value
+from labkit.heads.fcos import centerness_target
 
 
 def _iou_plus_one(b1, b2):
@@ -56,6 +57,19 @@ def _anchor_center(level, flat_index):
     return (col * RETINA.strides[level][0], row * RETINA.strides[level][1])
 
 
+def _fcos_positive(point, box, regress_range):
+    x, y = point
+    d = (x - box[0], y - box[1], box[2] - x, box[3] - y)
+    return min(d) > 0 and regress_range[0] <= max(d) <= regress_range[1]
+
+
+def _query_logits(boxes, img_hw):
+    from labkit.boxes import normalize_bboxes
+    from labkit.detr.transformer import inverse_sigmoid
+
+    return inverse_sigmoid(normalize_bboxes(boxes, img_hw))
+
+
 CORRECT = {
     "pairwise_iou": lambda b1, b2: bbox_overlaps(b1, b2),
     "base_anchors": lambda base, r, s: AnchorGenerator([base], r, s).base_anchors[0],
@@ -64,6 +78,10 @@ CORRECT = {
     "atss_threshold": lambda c: (c.mean(0) + _std(c), c >= c.mean(0) + _std(c)),
     "sampling_locations": sampling_locations_from_offsets,
     "bilinear_sample": _bilinear,
+    "centerness_target": lambda t: centerness_target(t),
+    "fcos_positive": _fcos_positive,
+    "positive_query_logits": _query_logits,
+    "count_positives": lambda n, groups, layers: layers * (n + sum(groups)),
 }
 
 
@@ -186,6 +204,26 @@ def test_in_place_modification_is_reported():
             "sampling_locations",
             lambda r, o, s: sampling_locations_from_offsets(r, o, s.flip(-1)),
             "spatial_shapes is (h, w)",
+        ),
+        (
+            "centerness_target",
+            lambda t: centerness_target(t) ** 2,
+            "take the square root",
+        ),
+        (
+            "fcos_positive",
+            lambda p, b, rr: _fcos_positive(p, b, (rr[0] + 1e-3, rr[1] - 1e-3)),
+            "the regress range includes both ends",
+        ),
+        (
+            "positive_query_logits",
+            lambda b, hw: _query_logits(b, hw[::-1]),
+            "img_hw is (h, w)",
+        ),
+        (
+            "count_positives",
+            lambda n, groups, layers: n + sum(groups),
+            "count every decoder layer",
         ),
     ],
 )

@@ -26,8 +26,12 @@ __all__ = [
     "check_atss_threshold",
     "check_base_anchors",
     "check_bilinear_sample",
+    "check_centerness_target",
+    "check_count_positives",
+    "check_fcos_positive",
     "check_max_iou_assign",
     "check_pairwise_iou",
+    "check_positive_query_logits",
     "check_sampling_locations",
 ]
 
@@ -449,6 +453,127 @@ def check_atss_threshold(
 
 
 # ---------------------------------------------------------------------------------------
+# 03 FCOS
+# ---------------------------------------------------------------------------------------
+
+
+def _centerness_hint(targets):
+    def hint(got, expected):
+        if not isinstance(got, Tensor) or got.shape != expected.shape or not len(targets):
+            return None
+        got, t = got.detach().double(), targets.double()
+        lr, tb = t[:, [0, 2]], t[:, [1, 3]]
+        ratio = lr.min(1).values / lr.max(1).values * (tb.min(1).values / tb.max(1).values)
+        if torch.allclose(got, ratio, atol=1e-5):
+            return "take the square root of the product"
+        paired = t[:, [0, 1]].min(1).values / t[:, [0, 1]].max(1).values
+        paired = (paired * t[:, [2, 3]].min(1).values / t[:, [2, 3]].max(1).values).sqrt()
+        if torch.allclose(got, paired, atol=1e-5):
+            return "pair l with r (horizontal) and t with b (vertical): targets are (l, t, r, b)"
+        return None
+
+    return hint
+
+
+def check_centerness_target(
+    student_fn: Callable, *, seed: int = 0, num_random: int = 3, raise_on_fail: bool = True
+) -> CheckResult:
+    """Exercise ``centerness_target``: ``fn(bbox_targets[P, 4]) -> Tensor[P]``.
+
+    ``sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b))`` for ``(l, t, r, b)`` targets of
+    positive points, compared with :func:`labkit.heads.fcos.centerness_target`.
+    """
+    from labkit.heads.fcos import centerness_target
+
+    settings = [
+        ("the exact centre of a box (l = r, t = b): 1", [[5.0, 3.0, 5.0, 3.0]]),
+        ("near the left edge of a wide box", [[0.5, 10.0, 99.5, 10.0]]),
+        ("off-centre in both directions", [[2.0, 6.0, 8.0, 2.0]]),
+        ("l and r swapped give the same centerness", [[8.0, 2.0, 2.0, 6.0], [2.0, 2.0, 8.0, 6.0]]),
+        ("no positive points (P = 0): an empty tensor", []),
+    ]
+    g = torch.Generator().manual_seed(8000 + seed)
+    for _ in range(num_random):
+        p = int(torch.randint(1, 20, (1,), generator=g))
+        settings.append(
+            (
+                f"random {p} targets (seed {seed})",
+                (torch.rand(p, 4, generator=g) * 50 + 0.1).tolist(),
+            )
+        )
+    cases = []
+    for name, rows in settings:
+        t = torch.tensor(rows, dtype=torch.float32).reshape(-1, 4)
+
+        def locate(idx, t=t):
+            return f"bbox_targets[{idx[0]}] = (l, t, r, b) = {format_value(t[idx[0]])}"
+
+        cases.append(
+            Case(name, {"bbox_targets": t}, centerness_target(t), locate, _centerness_hint(t))
+        )
+    return run_cases("centerness_target", student_fn, cases, raise_on_fail=raise_on_fail, atol=1e-5)
+
+
+def check_fcos_positive(
+    student_fn: Callable, *, seed: int = 0, num_random: int = 12, raise_on_fail: bool = True
+) -> CheckResult:
+    """Exercise ``fcos_positive``: ``fn(point (x, y), box (x1, y1, x2, y2), regress_range (low,
+    high)) -> bool``.
+
+    True when the point lies strictly inside the box and ``max(l, t, r, b)`` is inside the
+    range, both ends included: what :func:`labkit.heads.fcos.fcos_targets_single` decides
+    for one point and one GT (no center sampling).
+    """
+    from labkit.heads.fcos import fcos_targets_single
+
+    def reference(point, box, rr):
+        labels, _ = fcos_targets_single(
+            torch.tensor([point], dtype=torch.float32),
+            torch.tensor([box], dtype=torch.float32),
+            torch.tensor([0]),
+            torch.tensor([rr], dtype=torch.float32),
+            torch.tensor([8.0]),
+            1,
+        )
+        return bool(labels[0] == 0)
+
+    box = [30.0, 40.0, 130.0, 100.0]
+    settings = [
+        ("inside, max distance inside the range", [40.0, 50.0], box, (64.0, 128.0)),
+        ("inside, max distance above the range", [40.0, 50.0], box, (-1.0, 64.0)),
+        ("on the box's left edge (l = 0): not strictly inside", [30.0, 70.0], box, (-1.0, 128.0)),
+        ("outside the box", [10.0, 10.0], box, (-1.0, 1e8)),
+        ("max distance exactly the upper bound (inclusive)", [66.0, 70.0], box, (-1.0, 64.0)),
+        ("max distance exactly the lower bound (inclusive)", [66.0, 70.0], box, (64.0, 128.0)),
+    ]
+    g = torch.Generator().manual_seed(9000 + seed)
+    ranges = [(-1.0, 64.0), (64.0, 128.0), (30.0, 50.0), (128.0, 256.0)]
+    for i in range(num_random):
+        point = [float(v) for v in torch.randint(0, 160, (2,), generator=g)]
+        settings.append((f"random point (seed {seed})", point, box, ranges[i % 4]))
+    cases = []
+    for name, point, b, rr in settings:
+        l, t, r, bt = point[0] - b[0], point[1] - b[1], b[2] - point[0], b[3] - point[1]
+
+        def hint(got, expected, d=(l, t, r, bt), rr=rr):
+            if min(d) == 0 and got:
+                return "strictly inside: a point on the box's edge (distance 0) is not positive"
+            if max(d) in rr and expected and not got:
+                return "the regress range includes both ends: low <= max(l, t, r, b) <= high"
+            return f"(l, t, r, b) = {d}, max = {max(d)}"
+
+        cases.append(
+            Case(
+                name,
+                {"point": point, "box": b, "regress_range": rr},
+                reference(point, b, rr),
+                hint=hint,
+            )
+        )
+    return run_cases("fcos_positive", student_fn, cases, raise_on_fail=raise_on_fail)
+
+
+# ---------------------------------------------------------------------------------------
 # 04 deformable attention
 # ---------------------------------------------------------------------------------------
 
@@ -606,6 +731,144 @@ def check_bilinear_sample(
     return run_cases("bilinear_sample", student_fn, cases, raise_on_fail=raise_on_fail, atol=1e-5)
 
 
+# ---------------------------------------------------------------------------------------
+# 05 Co-DETR
+# ---------------------------------------------------------------------------------------
+
+
+def _query_logits_hint(boxes, img_hw):
+    from labkit.boxes import normalize_bboxes
+
+    def hint(got, expected):
+        if not isinstance(got, Tensor) or got.shape != expected.shape or not len(boxes):
+            return None
+        got = got.detach().float()
+        h, w = img_hw
+        if h != w and torch.allclose(got, _query_logits(boxes, (w, h)), atol=1e-4):
+            return "img_hw is (h, w): divide x-coordinates by w and y-coordinates by h"
+        if torch.allclose(got, normalize_bboxes(boxes, img_hw), atol=1e-4):
+            return "apply the inverse sigmoid log(x / (1 - x)) to the normalized box"
+        xyxy = boxes / boxes.new_tensor([w, h, w, h])
+        x = xyxy.clamp(0, 1)
+        if torch.allclose(got, torch.log(x.clamp(min=1e-5) / (1 - x).clamp(min=1e-5)), atol=1e-4):
+            return "convert (x1, y1, x2, y2) to (cx, cy, w, h) before normalizing"
+        return None
+
+    return hint
+
+
+def _query_logits(boxes: Tensor, img_hw) -> Tensor:
+    from labkit.boxes import normalize_bboxes
+    from labkit.detr.transformer import inverse_sigmoid
+
+    return inverse_sigmoid(normalize_bboxes(boxes, img_hw))
+
+
+def check_positive_query_logits(
+    student_fn: Callable, *, seed: int = 0, num_random: int = 3, raise_on_fail: bool = True
+) -> CheckResult:
+    """Exercise ``positive_query_logits``: ``fn(boxes[N, 4], img_hw) -> Tensor[N, 4]``.
+
+    xyxy pixel boxes -> normalized ``(cx, cy, w, h)`` (by ``img_hw = (h, w)``) -> inverse
+    sigmoid with ``x`` clamped to ``[1e-5, 1 - 1e-5]``: the reference points Co-DETR embeds
+    as positive queries (:func:`labkit.boxes.normalize_bboxes` then
+    :func:`labkit.detr.transformer.inverse_sigmoid`).
+    """
+    settings = [
+        (
+            "the worked example: (10, 20, 30, 60) in a 100 x 200 (h x w) image",
+            [[10.0, 20, 30, 60]],
+            (100, 200),
+        ),
+        ("a box covering the whole image (w = 1: clamped, not inf)", [[0.0, 0, 64, 48]], (48, 64)),
+        ("a zero-width box (w = 0: clamped, not -inf)", [[5.0, 5, 5, 20]], (32, 32)),
+        ("a tall image (h != w)", [[4.0, 10, 20, 90], [0.0, 0, 8, 8]], (120, 40)),
+        ("no boxes (N = 0)", [], (64, 64)),
+    ]
+    g = torch.Generator().manual_seed(10000 + seed)
+    for _ in range(num_random):
+        h, w = (int(torch.randint(32, 800, (1,), generator=g)) for _ in range(2))
+        n = int(torch.randint(1, 8, (1,), generator=g))
+        xy = torch.rand(n, 2, generator=g) * torch.tensor([w, h]) * 0.8
+        wh = torch.rand(n, 2, generator=g) * (torch.tensor([w, h]) - xy) * 0.9 + 1
+        settings.append(
+            (
+                f"random boxes in a {h} x {w} image (seed {seed})",
+                torch.cat([xy, xy + wh], 1).round().tolist(),
+                (h, w),
+            )
+        )
+    cases = []
+    for name, rows, img_hw in settings:
+        b = torch.tensor(rows, dtype=torch.float32).reshape(-1, 4)
+
+        def locate(idx, b=b):
+            return f"boxes[{idx[0]}] = {format_value(b[idx[0]])}, coordinate {'cx cy w h'.split()[idx[1]]}"
+
+        cases.append(
+            Case(
+                name,
+                {"boxes": b, "img_hw": img_hw},
+                _query_logits(b, img_hw),
+                locate,
+                _query_logits_hint(b, img_hw),
+            )
+        )
+    return run_cases(
+        "positive_query_logits", student_fn, cases, raise_on_fail=raise_on_fail, atol=1e-4
+    )
+
+
+def check_count_positives(
+    student_fn: Callable, *, seed: int = 0, num_random: int = 4, raise_on_fail: bool = True
+) -> CheckResult:
+    """Exercise ``count_positives``: ``fn(num_gts, group_sizes, num_layers) -> int``.
+
+    Positive queries the decoder trains on in one step: in every decoder layer, the
+    ``num_gts`` one-to-one (Hungarian) positives plus each auxiliary group's positives.
+    """
+
+    def reference(num_gts, group_sizes, num_layers):
+        return num_layers * (num_gts + sum(group_sizes))
+
+    settings = [
+        ("the notebook's example", 3, [10, 20], 6),
+        ("Deformable-DETR: no auxiliary group", 5, [], 6),
+        ("no ground truth: only auxiliary positives", 0, [9], 6),
+        ("one decoder layer", 4, [7, 2], 1),
+    ]
+    g = torch.Generator().manual_seed(11000 + seed)
+    for _ in range(num_random):
+        groups = [
+            int(v)
+            for v in torch.randint(
+                0, 300, (int(torch.randint(0, 3, (1,), generator=g)),), generator=g
+            )
+        ]
+        settings.append(
+            (f"random (seed {seed})", int(torch.randint(0, 50, (1,), generator=g)), groups, 6)
+        )
+    cases = []
+    for name, n, groups, layers in settings:
+
+        def hint(got, expected, n=n, groups=groups, layers=layers):
+            if got == n + sum(groups):
+                return "count every decoder layer: each one is trained on all these positives"
+            if got == layers * sum(groups):
+                return "add the num_gts one-to-one (Hungarian) positives of each layer"
+            return None
+
+        cases.append(
+            Case(
+                name,
+                {"num_gts": n, "group_sizes": groups, "num_layers": layers},
+                reference(n, groups, layers),
+                hint=hint,
+            )
+        )
+    return run_cases("count_positives", student_fn, cases, raise_on_fail=raise_on_fail)
+
+
 # Exercise id -> check; the grader and the docs list exercises from here.
 EXERCISES: dict[str, Callable[..., CheckResult]] = {
     "pairwise_iou": check_pairwise_iou,
@@ -615,4 +878,8 @@ EXERCISES: dict[str, Callable[..., CheckResult]] = {
     "atss_threshold": check_atss_threshold,
     "sampling_locations": check_sampling_locations,
     "bilinear_sample": check_bilinear_sample,
+    "centerness_target": check_centerness_target,
+    "fcos_positive": check_fcos_positive,
+    "positive_query_logits": check_positive_query_logits,
+    "count_positives": check_count_positives,
 }

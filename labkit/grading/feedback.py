@@ -85,6 +85,7 @@ class CheckResult:
 
     exercise: str
     cases: list[CaseResult] = field(default_factory=list)
+    _shown: bool = field(default=False, repr=False, compare=False)
 
     @property
     def passed(self) -> bool:
@@ -138,6 +139,12 @@ class CheckResult:
 
     def __repr__(self) -> str:
         return f"CheckResult({self.summary()})"
+
+    def _ipython_display_(self) -> None:
+        # A check cell often ends with the check call: its report is already shown, so the
+        # returned result must not print it a second time.
+        if not self._shown:
+            print(self.report())
 
 
 # ---------------------------------------------------------------------------------------
@@ -364,6 +371,7 @@ def _show(result: CheckResult, failed: bool) -> None:
     # On failure the traceback carries the full report; print only the summary here.
     text = result.summary() if failed else result.report()
     display({CHECK_MIME: result.to_json(), "text/plain": text}, raw=True)
+    result._shown = True
 
 
 def run_cases(
