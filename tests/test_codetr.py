@@ -311,3 +311,12 @@ def test_one_to_one_positives_and_encoder_probe_run_on_a_batch():
     norm, fg, valid = probe["maps"][0]
     assert norm.shape == fg.shape == valid.shape == (16, 16)  # stride 8 of the 128 x 128 batch
     assert fg[valid].any() and (~fg[valid]).any()
+
+
+def test_memory_knobs_frozen_stages_and_queries():
+    frozen = tiny(("atss",), frozen_stages=1)
+    names = [n for n, p in frozen.named_parameters() if not p.requires_grad]
+    assert names and all(n.startswith("backbone.") for n in names)
+    assert all(p.requires_grad for p in tiny(("atss",)).parameters())
+    model = co_deformable_detr(NUM_CLASSES, aux=(), backbone="tiny", num_queries=7).eval()
+    assert model.predict(make_batch())[0]["boxes"].shape == (7 * NUM_CLASSES, 4)
