@@ -106,6 +106,12 @@ def test_score_passed_partial_error_timeout_and_not_run():
         _executed({3: [_check_output(0.8), _error("CheckFailed", "x")]}), toy_notebook()
     )
     assert partial[0].points == 1.6 and partial[0].messages == ["report 0.8"]
+    strict = score_notebook(
+        _executed({3: [_check_output(0.8), _error("CheckFailed", "x")]}),
+        toy_notebook(),
+        partial_credit=False,
+    )
+    assert strict[0].points == 0 and strict[0].messages == ["report 0.8"]
     assert partial[1].points == 0 and "did not run" in partial[1].messages[0]
 
     failed = score_notebook(

@@ -58,6 +58,7 @@ def _cmd_grade(args: argparse.Namespace) -> int:
             jobs=args.jobs,
             kernel=args.kernel,
             keep_executed=args.keep_executed,
+            partial_credit=not args.all_or_nothing,
             progress=not args.no_progress,
         )
     except (ValueError, FileNotFoundError) as err:
@@ -139,6 +140,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--keep-executed",
         action="store_true",
         help="keep executed notebooks in the feedback folder",
+    )
+    grade.add_argument(
+        "--all-or-nothing",
+        action="store_true",
+        help="no partial credit: a check cell earns its points only if every case passes",
     )
     grade.add_argument("--no-progress", action="store_true", help="no progress bar")
     grade.set_defaults(func=_cmd_grade)

@@ -331,7 +331,7 @@ def _check_results(cell: dict) -> list[dict]:
     return results
 
 
-def _cell_outcome(cell: dict, stop_note: str) -> tuple[float, str]:
+def _cell_outcome(cell: dict, stop_note: str, partial_credit: bool = True) -> tuple[float, str]:
     """(fraction of the cell's points, message) for one executed check cell."""
     outputs = cell.get("outputs", [])
     errors = [o for o in outputs if o.get("output_type") == "error"]
@@ -343,7 +343,9 @@ def _cell_outcome(cell: dict, stop_note: str) -> tuple[float, str]:
     if errors:
         err = errors[0]
         if err.get("ename") == "CheckFailed" and results:
-            return min(float(r["score"]) for r in results), reports
+            # The lowest score: the check that raised (a result the student's own code might
+            # have displayed can only lower it).
+            return (min(float(r["score"]) for r in results) if partial_credit else 0.0), reports
         if err.get("ename") == "KeyboardInterrupt":
             return (
                 0.0,
@@ -371,8 +373,14 @@ def _other_errors(nb: dict) -> list[str]:
     return notes
 
 
-def score_notebook(executed: dict | None, source: dict, stop_note: str = "") -> list[ExerciseGrade]:
-    """Points per exercise of ``source`` from an executed prepared notebook (``None``: all 0)."""
+def score_notebook(
+    executed: dict | None, source: dict, stop_note: str = "", partial_credit: bool = True
+) -> list[ExerciseGrade]:
+    """Points per exercise of ``source`` from an executed prepared notebook (``None``: all 0).
+
+    With ``partial_credit``, a check cell that failed a labkit check earns the fraction of
+    cases passed; without, only a clean run of the cell earns its points.
+    """
     grades = []
     cells = {}
     for cell in executed["cells"] if executed else []:
@@ -386,7 +394,7 @@ def score_notebook(executed: dict | None, source: dict, stop_note: str = "") -> 
             if cell is None:
                 fraction, message = 0.0, f"not graded ({stop_note or 'the notebook did not run'})"
             else:
-                fraction, message = _cell_outcome(cell, stop_note)
+                fraction, message = _cell_outcome(cell, stop_note, partial_credit)
             grade.points += round(points * fraction, 2)
             label = (
                 f"check cell {k + 1} of {len(ex.check_points)}: "
@@ -407,6 +415,7 @@ def grade_notebook(
     total_timeout: float = 600,
     kernel: str = "labkit",
     keep_executed: str | os.PathLike | None = None,
+    partial_credit: bool = True,
 ) -> NotebookGrade:
     """Grade one submitted notebook against its instructor source (never raises for a bad submission)."""
     source = read_notebook(source_path)
@@ -435,7 +444,7 @@ def grade_notebook(
         "kernel died": "the kernel died",
         "error": "the run failed",
     }[run.stopped]
-    grades = score_notebook(run.executed, source, stop_note)
+    grades = score_notebook(run.executed, source, stop_note, partial_credit)
     notes = [f"{stop_note}: {run.detail}".rstrip(": ")] if run.stopped else []
     if run.executed is not None:
         notes += _other_errors(run.executed)
@@ -512,6 +521,7 @@ def grade_submissions(
     jobs: int = 1,
     kernel: str = "labkit",
     keep_executed: bool = False,
+    partial_credit: bool = True,
     progress: bool = False,
 ) -> list[StudentGrades]:
     """Grade every ``SUBMISSIONS_DIR/<student>/<notebook>.ipynb``; write the CSV and feedback.
@@ -522,6 +532,7 @@ def grade_submissions(
         feedback_dir: where ``<student>.md`` go (default: ``feedback/`` next to the CSV);
             with ``keep_executed`` the executed notebooks go to ``<feedback_dir>/<student>/``.
         jobs: notebooks graded at once (each is its own worker and kernel).
+        partial_credit: a failed labkit check earns its fraction of passed cases.
 
     Returns:
         One :class:`StudentGrades` per student, sorted by name.
@@ -553,6 +564,7 @@ def grade_submissions(
             total_timeout=total_timeout,
             kernel=kernel,
             keep_executed=feedback / student if keep_executed else None,
+            partial_credit=partial_credit,
         )
 
     from tqdm.auto import tqdm
