@@ -160,12 +160,15 @@ def draw_assignment(
     """Image, GT boxes (colour = GT index) and every positive prior in its GT's colour
     (marker size grows with the level)."""
     show_image(img, ax, title=title)
+    h, w = ax.get_images()[-1].get_array().shape[:2]
     for k, box in enumerate(gt_bboxes):
         draw_boxes(ax, box[None], color=class_color(k), linewidth=1.2)
         pos = assign.gt_inds == k
         for lvl in assign.level[pos].unique().tolist():
             sel = pos & (assign.level == lvl)
             draw_points(ax, assign.points[sel], color=class_color(k), size=size * (1 + lvl))
+    ax.set_xlim(0, w)
+    ax.set_ylim(h, 0)
     return ax
 
 
