@@ -46,6 +46,7 @@ def test_prepare_puts_back_instructor_checks_with_hidden_tests():
     sub["cells"][3]["outputs"] = [{"output_type": "display_data", "data": {DONE_MIME: {}}}]
     del sub["cells"][6]  # the check cell of `twice` deleted
     sub["cells"].append(code("# labkit-check: add\nassert True"))  # a forged extra check
+    sub["cells"].insert(1, code("labkit.grading.check_add(add)"))  # a scratch call, earlier
     sub["cells"][0]["metadata"][GRADER_KEY] = {"exercise": "twice", "index": 0, "points": 9}
     nb = prepare_submission(toy_notebook(), sub, "toy")
 
@@ -55,15 +56,15 @@ def test_prepare_puts_back_instructor_checks_with_hidden_tests():
         if GRADER_KEY in c["metadata"]
     ]
     assert graded == [
-        (3, {"exercise": "add", "index": 0, "points": 2.0}),
-        (6, {"exercise": "twice", "index": 0, "points": 1.0}),  # inserted after `def twice`
+        (4, {"exercise": "add", "index": 0, "points": 2.0}),  # the locked cell, not the scratch
+        (7, {"exercise": "twice", "index": 0, "points": 1.0}),  # inserted after `def twice`
     ]
-    add_check = src(nb["cells"][3])
+    add_check = src(nb["cells"][4])
     assert add_check.startswith(CHECK) and "assert add(-1, 1) == 0" in add_check
     assert DONE_MIME in add_check and "edited by a student" not in add_check
-    assert nb["cells"][3]["outputs"] == []  # the forged done marker is gone
+    assert nb["cells"][4]["outputs"] == []  # the forged done marker is gone
     assert "labkit" not in nb["cells"][-1]["metadata"]  # the extra check counts for nothing
-    assert src(nb["cells"][5]) == TWICE_OK
+    assert src(nb["cells"][6]) == TWICE_OK
 
 
 def _executed(outputs_by_cell: dict[int, list[dict]], status: str = "completed") -> dict:

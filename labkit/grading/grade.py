@@ -128,12 +128,17 @@ def _done_line(ex_id: str, index: int) -> str:
 
 
 def _submission_check_cells(cells: list[dict]) -> dict[str, list[int]]:
-    found: dict[str, list[int]] = {}
+    """Check cells per exercise: the ones the build tagged first, then marked or inferred ones
+    (a student's scratch cell calling a check must not take the place of the real one)."""
+    tagged: dict[str, list[int]] = {}
+    other: dict[str, list[int]] = {}
     for i, cell in enumerate(cells):
         info = check_cell_info(cell)
         if info is not None:
-            found.setdefault(info[0], []).append(i)
-    return found
+            meta = cell.get("metadata", {}).get("labkit", {})
+            is_tagged = isinstance(meta, dict) and meta.get("role") == "check"
+            (tagged if is_tagged else other).setdefault(info[0], []).append(i)
+    return {k: tagged.get(k, []) + other.get(k, []) for k in {*tagged, *other}}
 
 
 def _defining_cell(cells: list[dict], ex_id: str, function: str | None) -> int | None:
