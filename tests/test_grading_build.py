@@ -104,6 +104,23 @@ def test_exercises_are_found_with_points_and_functions():
     assert check_cell_info(code("print('hello')")) is None
 
 
+def test_unmarked_check_cells_fall_back_to_the_cell_after_the_solution():
+    nb = toy_notebook(
+        [
+            code(SOLUTION),
+            code("print(add(2, 2))  # a demo between the solution and its marked check"),
+            code(CHECK),
+            code(SECOND),
+            code("assert twice(4) == 8"),  # plain assert, no marker: the fallback
+        ]
+    )
+    exercises = find_exercises(nb)
+    assert [(e.id, e.check_cells, e.solution_cells, e.points) for e in exercises] == [
+        ("add", [2], [0], 2.0),
+        ("twice", [4], [3], 1.0),
+    ]
+
+
 def test_student_copy_stubs_solutions_and_drops_hidden_tests():
     nb = student_notebook(toy_notebook(), "toy")
     solution, check = src(nb["cells"][2]), src(nb["cells"][3])
@@ -150,7 +167,7 @@ def test_bad_markers_raise_naming_the_cell():
             ),
             "toy",
         )
-    with pytest.raises(ValueError, match="solution blocks after the last check cell"):
+    with pytest.raises(ValueError, match="solution blocks with no check cell after them"):
         find_exercises(toy_notebook([code(CHECK), code(SECOND)]))
     with pytest.raises(ValueError, match="END SOLUTION without BEGIN"):
         clear_solutions("x = 1\n### END SOLUTION", "stub")

@@ -12,8 +12,9 @@ An instructor's (source) notebook marks, nbgrader-style:
   "points": 2}}``. A cell calling ``labkit.grading.check_<id>(...)`` without either counts as
   the check cell of ``<id>`` worth 1 point. An exercise may have several check cells; its
   points are their sum. Its solution cells are the ones before its first check cell.
-  A notebook with no marked check cell at all falls back to: the code cell right after a
-  solution cell is its check cell, the exercise named after the function (1 point).
+  A solution cell with no marked check cell after it (before the next solution) falls back
+  to: the code cell right after it is its check cell, the exercise named after the
+  function (1 point) -- so notebooks with plain assert cells grade too.
 """
 
 from __future__ import annotations
@@ -152,22 +153,28 @@ def find_exercises(nb: Any) -> list[Exercise]:
     """The exercises of a notebook, in order of their first check cell.
 
     Solution cells seen since the previous check cell belong to the next check cell's
-    exercise. A solution cell after the last check cell (no check) raises ``ValueError``.
+    exercise. When no marked check cell follows a solution before the next solution (or the
+    end), the code cell right after it is its check, the exercise named after the function
+    (1 point). A solution with no code cell after it raises ``ValueError``.
     """
+    cells = nb["cells"]
+    code = [i for i, c in enumerate(cells) if c.get("cell_type") == "code"]
+    solution = {i for i in code if has_solution(cell_source(cells[i]))}
+    marked = {i: info for i in code if i not in solution and (info := check_cell_info(cells[i]))}
+    # marked_ahead[k]: a marked check comes at or after code[k], before the next solution.
+    marked_ahead, ahead = [False] * len(code), False
+    for k in range(len(code) - 1, -1, -1):
+        ahead = False if code[k] in solution else ahead or code[k] in marked
+        marked_ahead[k] = ahead
     exercises: dict[str, Exercise] = {}
     pending: list[int] = []
-    code = [i for i, c in enumerate(nb["cells"]) if c.get("cell_type") == "code"]
-    explicit = any(check_cell_info(nb["cells"][i]) for i in code)
-    for index in code:
-        cell = nb["cells"][index]
-        if has_solution(cell_source(cell)):
+    for k, index in enumerate(code):
+        if index in solution:
             pending.append(index)
             continue
-        info = check_cell_info(cell)
-        if info is None and pending and not explicit:
-            # No check cell is marked anywhere: the code cell right after a solution checks it,
-            # and the exercise is named after the function the student writes.
-            m = FUNCTION_DEF.search(cell_source(nb["cells"][pending[0]]))
+        info = marked.get(index)
+        if info is None and pending and code[k - 1] in solution and not marked_ahead[k]:
+            m = FUNCTION_DEF.search(cell_source(cells[pending[0]]))
             info = (m["name"] if m else f"exercise_{len(exercises) + 1}", 1.0)
         if info is None:
             continue
@@ -180,8 +187,8 @@ def find_exercises(nb: Any) -> list[Exercise]:
         pending = []
     if pending:
         raise ValueError(
-            f"cells {pending}: solution blocks after the last check cell; add a check cell "
-            "(# labkit-check: <exercise> (N points)) after them"
+            f"cells {pending}: solution blocks with no check cell after them; add one "
+            "(# labkit-check: <exercise> (N points))"
         )
     for ex in exercises.values():
         for index in ex.solution_cells:
