@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ NOT_RUN = "not run (implement the function first)"
 # Failures shown in full per check; more would bury the first (usually the telling) one.
 MAX_SHOWN_FAILURES = 3
 _GRADING_DIR = str(Path(__file__).resolve().parent)
+_KERNEL_FILE = re.compile(r"[^\"\s]*ipykernel_\d+[/\\]\d+\.py")
 
 
 class CheckFailed(AssertionError):
@@ -303,7 +305,8 @@ def _traceback_tail(err: BaseException, frames: int = 3) -> str:
     """The last frames outside labkit.grading: where the student's code failed."""
     stack = [f for f in traceback.extract_tb(err.__traceback__) if _GRADING_DIR not in f.filename]
     lines = traceback.format_list(stack[-frames:])
-    tail = "".join(lines).rstrip()
+    # ipykernel compiles each cell to a temporary file named by process id: say "cell" instead.
+    tail = _KERNEL_FILE.sub("<notebook cell>", "".join(lines).rstrip())
     head = f"{type(err).__name__}: {err}".strip()
     return f"{tail}\n{head}" if tail else head
 

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from labkit.grading.build import dumps_notebook, instructor_notebook, read_notebook
 from labkit.grading.cells import FUNCTION_DEF, cell_source, check_cell_info, find_exercises
-from labkit.grading.feedback import CHECK_MIME, DONE_MIME
+from labkit.grading.feedback import _KERNEL_FILE, CHECK_MIME, DONE_MIME
 
 __all__ = [
     "ExerciseGrade",
@@ -55,7 +55,6 @@ __all__ = [
 GRADER_KEY = "labkit_grader"  # cell metadata the grader sets on the check cells it scores
 DEFAULT_PARAMETERS = {"quick": True, "device": "cpu", "seed": 0}
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-_KERNEL_FILE = re.compile(r"/tmp/ipykernel_\d+/\d+\.py|ipykernel_\d+[/\\]\d+\.py")
 
 
 @dataclass
