@@ -67,6 +67,12 @@ def _cmd_grade(args: argparse.Namespace) -> int:
     width = max([7, *(len(g.student) for g in grades)])
     for g in grades:
         print(f"{g.student:<{width}}  {g.total:6.2f} / {g.max_total:g}  {g.status}")
+    if grades:
+        print("class mean per exercise:")
+        for i, nb in enumerate(grades[0].notebooks):
+            for j, ex in enumerate(nb.exercises):
+                mean = sum(g.notebooks[i].exercises[j].points for g in grades) / len(grades)
+                print(f"  {Path(nb.notebook).stem}:{ex.id:<24} {mean:5.2f} / {ex.max_points:g}")
     feedback = Path(args.feedback) if args.feedback else Path(args.out).parent / "feedback"
     print(f"{len(grades)} student(s): gradebook {args.out}, feedback in {feedback}/")
     return 0
