@@ -32,6 +32,7 @@ def test_kernel_matches_reference_interpreted():
     cases = result["cases"]
     assert {c["num_heads"] for c in cases} >= {1, 8} and {c["num_points"] for c in cases} >= {1, 8}
     assert any(h % 2 for c in cases for hw in c["shapes"] for h in hw)  # odd level sizes
+    assert {c["bs"] for c in cases} == {1, 2, 3}
     for name, tol in TOLERANCE.items():
         assert result["max_abs_diff"][name] < tol, (name, result["max_abs_diff"])
 
