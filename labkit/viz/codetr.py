@@ -81,7 +81,7 @@ def plot_query_references(
     draw_boxes(ax, xyxy[real], color=class_color(0), linewidth=0.8, alpha=0.7)
     draw_points(ax, coords[real, :2], color=class_color(0), size=10)
     if (~real).any():
-        draw_points(ax, coords[~real, :2], color=(0.8, 0.1, 0.1), size=40, marker="x")
+        draw_points(ax, coords[~real, :2], color=(0.8, 0.1, 0.1), size=60, marker="X")
     ax.set_xlim(-0.05, 1.05)
     ax.set_ylim(1.05, -0.05)
     ax.set_aspect("equal")
