@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from labkit.assigners.hungarian import BBoxL1Cost, FocalLossCost, HungarianAssigner, IoUCost
+from labkit.boxes import bbox_overlaps
 
 
 def test_focal_cost_by_hand():
@@ -183,3 +184,21 @@ def test_nan_predictions_give_a_clear_error():
             torch.tensor([1]),
             (10, 10),
         )
+
+
+def test_match_costs_list():
+    scores, preds, gts, labels, shape = _random(5, 3, 4, seed=3)
+    default = HungarianAssigner()
+    explicit = HungarianAssigner(
+        [
+            IoUCost(iou_mode="giou", weight=2.0),
+            FocalLossCost(weight=2.0),
+            BBoxL1Cost(weight=5.0, box_format="xywh"),
+        ]
+    )
+    args = (scores[None], preds[None], gts[None], labels[None], torch.tensor([shape]))
+    torch.testing.assert_close(default.cost_matrix(*args), explicit.cost_matrix(*args))
+    only_iou = HungarianAssigner([IoUCost(iou_mode="iou")])
+    torch.testing.assert_close(only_iou.cost_matrix(*args)[0], -bbox_overlaps(preds, gts))
+    with pytest.raises(TypeError, match="match_costs"):
+        HungarianAssigner(["giou"])

@@ -105,21 +105,30 @@ class HungarianAssigner:
     """Match each ground truth to exactly one query; all other queries are negatives.
 
     Args:
-        cls_cost: classification cost (default ``FocalLossCost(weight=2.0)``).
-        reg_cost: box L1 cost (default ``BBoxL1Cost(weight=5.0, box_format="xywh")``).
-        iou_cost: IoU cost (default ``IoUCost(iou_mode="giou", weight=2.0)``).
-        Deformable-DETR's defaults; pass ``None`` to drop a term.
+        match_costs: the cost terms, summed (mmdetection 3.x's ``match_costs`` list):
+            classification costs (:class:`FocalLossCost`, :class:`ClassificationCost`) and box
+            costs (:class:`BBoxL1Cost`, :class:`IoUCost`) in any number and order. ``None``
+            gives Deformable-DETR's ``[FocalLossCost(weight=2.0), BBoxL1Cost(weight=5.0,
+            box_format="xywh"), IoUCost(iou_mode="giou", weight=2.0)]``.
     """
 
-    def __init__(
-        self,
-        cls_cost: FocalLossCost | ClassificationCost | None = None,
-        reg_cost: BBoxL1Cost | None = None,
-        iou_cost: IoUCost | None = None,
-    ) -> None:
-        self.cls_cost = FocalLossCost(weight=2.0) if cls_cost is None else cls_cost
-        self.reg_cost = BBoxL1Cost(weight=5.0, box_format="xywh") if reg_cost is None else reg_cost
-        self.iou_cost = IoUCost(iou_mode="giou", weight=2.0) if iou_cost is None else iou_cost
+    def __init__(self, match_costs: Sequence[object] | None = None) -> None:
+        if match_costs is None:
+            match_costs = [
+                FocalLossCost(weight=2.0),
+                BBoxL1Cost(weight=5.0, box_format="xywh"),
+                IoUCost(iou_mode="giou", weight=2.0),
+            ]
+        kinds = (FocalLossCost, ClassificationCost, BBoxL1Cost, IoUCost)
+        for i, cost in enumerate(match_costs):
+            if not isinstance(cost, kinds):
+                raise TypeError(
+                    f"match_costs[{i}]: expected one of {[k.__name__ for k in kinds]}, "
+                    f"got {type(cost).__name__}"
+                )
+        if not match_costs:
+            raise ValueError("match_costs: expected at least one cost")
+        self.match_costs = list(match_costs)
 
     def cost_matrix(
         self,
@@ -144,12 +153,11 @@ class HungarianAssigner:
         h, w = img_shapes[:, 0], img_shapes[:, 1]
         factors = torch.stack([w, h, w, h], -1)[:, None, :].to(pred_bboxes)  # [B, 1, 4]
         cost = pred_bboxes.new_zeros(pred_bboxes.shape[0], pred_bboxes.shape[1], gt_bboxes.shape[1])
-        if self.cls_cost is not None:
-            cost = cost + self.cls_cost(cls_scores, gt_labels)
-        if self.reg_cost is not None:
-            cost = cost + self.reg_cost(pred_bboxes, gt_bboxes, factors)
-        if self.iou_cost is not None:
-            cost = cost + self.iou_cost(pred_bboxes, gt_bboxes, factors)
+        for term in self.match_costs:
+            if isinstance(term, FocalLossCost | ClassificationCost):
+                cost = cost + term(cls_scores, gt_labels)
+            else:
+                cost = cost + term(pred_bboxes, gt_bboxes, factors)
         return cost
 
     @torch.no_grad()
