@@ -88,7 +88,7 @@ def test_every_aux_path_trains_and_predicts(aux):
     dets = model.predict(batch)
     assert len(dets) == 2
     for det, (h, w) in zip(dets, [(96, 128), (128, 96)], strict=True):
-        assert det["boxes"].shape == (20 * NUM_CLASSES if 20 * NUM_CLASSES < 100 else 100, 4)
+        assert det["boxes"].shape == (min(20 * NUM_CLASSES, 100), 4)
         assert det["scores"].shape == det["labels"].shape == det["boxes"].shape[:1]
         assert (det["boxes"][:, 0::2] <= w).all() and (det["boxes"][:, 1::2] <= h).all()
 
