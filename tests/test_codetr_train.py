@@ -164,3 +164,16 @@ def test_cli_trains_co_detr_with_its_own_schedule(tmp_path):
     )
     assert cfg["lr_mult"] == {"backbone": 0.1, "sampling_offsets": 0.1, "reference_points": 0.1}
     assert ckpt["recipe"]["kwargs"]["aux"] == ("atss",)
+
+
+def test_gradient_accumulation_and_amp_request_through_co_detr():
+    loader = DataLoader(items(2), batch_size=1, collate_fn=collate)
+    net = model(("atss",))
+    before = net.aux_heads[0].head.atss_cls.weight.detach().clone()
+    with pytest.warns(UserWarning, match="amp"):  # bf16 autocast acts on CUDA only
+        hist = train(
+            net, loader, train_config(max_iters=1, accum_steps=2, amp=True, progress=False)
+        )
+    assert len(hist.train) == 1 and "loss_cls_aux0" in hist.train[0]
+    assert hist.train[0]["grad_norm"] > 0
+    assert not torch.equal(before, net.aux_heads[0].head.atss_cls.weight)
