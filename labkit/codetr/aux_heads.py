@@ -42,7 +42,8 @@ class _ATSSHeadKeepingTargets(ATSSHead):
 
     last_targets = None
 
-    def targets_for(self, *args, **kwargs):  # noqa: D102 - same as ATSSHead
+    def targets_for(self, *args, **kwargs):
+        """``ATSSHead.targets_for``, also kept as ``self.last_targets``."""
         self.last_targets = super().targets_for(*args, **kwargs)
         return self.last_targets
 
