@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from labkit.codetr.co_detr import co_deformable_detr
 from labkit.detr.deformable_detr import deformable_detr
 from labkit.heads.atss import atss
 from labkit.heads.faster_rcnn import faster_rcnn
@@ -31,6 +32,7 @@ RECIPES: dict[str, Callable[..., nn.Module]] = {
     "reppoints": reppoints,
     "faster_rcnn": faster_rcnn,
     "deformable_detr": deformable_detr,
+    "co_deformable_detr": co_deformable_detr,
 }
 
 __all__ = ["RECIPES", *RECIPES]
