@@ -27,7 +27,7 @@ notebooks: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check labkit tests benchmarks
-	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=600 $(PYTEST_ARGS)
+	LABKIT_HEADLESS=1 $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=600 $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)

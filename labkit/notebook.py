@@ -6,6 +6,7 @@ import inspect
 import json
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,11 @@ import torch
 import labkit
 
 __all__ = [
+    "HEADLESS_ENV",
     "METRICS_MIME",
     "Session",
+    "explorer",
+    "headless",
     "pick",
     "read_metrics",
     "record",
@@ -33,6 +37,9 @@ METRICS_MIME = "application/vnd.labkit.metrics+json"
 # Fixed figure geometry so a notebook renders the same images on every machine.
 FIGSIZE = (6.0, 4.0)
 DPI = 100
+
+# Batch runs (``labkit notebooks run``, the test suite, nbval, the grader) set this to 1.
+HEADLESS_ENV = "LABKIT_HEADLESS"
 
 _session: Session | None = None
 _recorded: dict[str, Any] = {}
@@ -209,3 +216,37 @@ def show_source(obj: Any) -> None:
         display(Code(source, language="python"))
     else:
         print(source, end="" if source.endswith("\n") else "\n")
+
+
+def headless() -> bool:
+    """True when no person is looking: a batch run set ``LABKIT_HEADLESS=1``.
+
+    ``labkit notebooks run``, ``make test`` and ``labkit assignments grade`` set it; JupyterLab
+    does not, so the explorers are live there.
+    """
+    return os.environ.get(HEADLESS_ENV, "") == "1"
+
+
+def explorer(
+    draw: Callable[..., None], defaults: dict[str, Any], controls: Callable[[Any], dict[str, Any]]
+) -> None:
+    """Show an ipywidgets explorer that calls ``draw(**values)`` whenever a control moves.
+
+    Args:
+        draw: redraws the figure for one setting of every control.
+        defaults: the value each control starts at (keys are ``draw``'s arguments).
+        controls: ``controls(ipywidgets) -> {name: widget}``, built only when a person is
+            looking.
+
+    In a headless batch run no widget is created at all: executing a cell that opens widget
+    comms can block nbclient, and so papermill and nbval, for good (jupyter/nbclient#312).
+    There ``draw`` runs once with ``defaults``, so the executed notebook still shows the figure.
+    """
+    if headless():
+        print("Interactive explorer: open the notebook in JupyterLab to move the controls.")
+        draw(**defaults)
+        return
+    import ipywidgets as widgets
+    from IPython.display import display
+
+    display(widgets.interactive(draw, **controls(widgets)))

@@ -16,6 +16,8 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from labkit.notebook import HEADLESS_ENV
+
 __all__ = [
     "NotebookRun",
     "discover",
@@ -172,6 +174,8 @@ def run_notebook(
     def execute(tmp: Path) -> None:
         nonlocal error
         env_backend = os.environ.pop("MPLBACKEND", None)  # let the kernel use inline plots
+        env_headless = os.environ.get(HEADLESS_ENV)
+        os.environ[HEADLESS_ENV] = "1"  # explorers draw once instead of opening widgets
         try:
             pm.execute_notebook(
                 str(path),
@@ -188,6 +192,10 @@ def run_notebook(
         finally:
             if env_backend is not None:
                 os.environ["MPLBACKEND"] = env_backend
+            if env_headless is None:
+                os.environ.pop(HEADLESS_ENV, None)
+            else:
+                os.environ[HEADLESS_ENV] = env_headless
         if not tmp.exists() or tmp.stat().st_size == 0:
             raise RuntimeError(error or "papermill wrote no output notebook")
 

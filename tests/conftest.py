@@ -9,6 +9,9 @@ import os
 # Before torch is imported. Notebook kernels (papermill, nbval) inherit this too: 2 threads is
 # what CI has and what notebook baselines were recorded with, so float sums reduce alike.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Kernels started by the tests (papermill, nbval) draw explorers once instead of opening
+# ipywidgets comms, which can block nbclient (see labkit.notebook.explorer).
+os.environ.setdefault("LABKIT_HEADLESS", "1")
 
 import matplotlib  # noqa: E402
 

@@ -153,3 +153,37 @@ def test_show_source_highlighted_in_ipython(monkeypatch):
 def test_show_source_rejects_builtins():
     with pytest.raises(TypeError, match="obj"):
         nb.show_source(len)
+
+
+def test_explorer_headless_draws_defaults_without_widgets(monkeypatch, capsys):
+    from labkit import notebook
+
+    monkeypatch.setenv(notebook.HEADLESS_ENV, "1")
+    calls = []
+
+    def controls(widgets):
+        raise AssertionError("no widget may be built in a headless run")
+
+    notebook.explorer(lambda a, b: calls.append((a, b)), {"a": 1, "b": "x"}, controls)
+    assert calls == [(1, "x")]
+    assert "open the notebook in JupyterLab" in capsys.readouterr().out
+
+
+def test_explorer_live_builds_an_interactive_widget(monkeypatch):
+    import ipywidgets
+    from IPython import display as ipy_display
+
+    from labkit import notebook
+
+    monkeypatch.delenv(notebook.HEADLESS_ENV, raising=False)
+    shown, calls = [], []
+    monkeypatch.setattr(ipy_display, "display", lambda obj: shown.append(obj))
+    notebook.explorer(
+        lambda a: calls.append(a),
+        {"a": 3},
+        lambda widgets: {"a": widgets.IntSlider(value=3, min=0, max=5)},
+    )
+    assert len(shown) == 1 and isinstance(shown[0], ipywidgets.interactive)
+    assert calls == [3]  # interactive draws once with the initial value
+    shown[0].children[0].value = 5
+    assert calls == [3, 5]

@@ -28,9 +28,11 @@ def execute(
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
+    from labkit.notebook import HEADLESS_ENV
     from labkit.run_notebooks import _describe_error
 
     os.environ.pop("MPLBACKEND", None)  # inline plots in the kernel, as run_notebooks does
+    os.environ[HEADLESS_ENV] = "1"  # explorers draw once instead of opening widgets
     try:
         pm.execute_notebook(
             input_path,

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from labkit.anchors import AnchorGenerator, featmap_sizes_from_shape
 from labkit.boxes import bbox_overlaps
+from labkit.notebook import explorer
 from labkit.viz.draw import draw_boxes, draw_points, grid, level_color, show_image
 
 __all__ = [
@@ -287,16 +288,14 @@ def anchor_explorer(
     image_shape: tuple[int, int] = (512, 512),
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
-) -> Any:
+) -> None:
     """An ipywidgets explorer: pick ratios, octave scales and a stride, see the anchors of a cell.
 
     The anchors of the cell under the image centre are drawn over ``img`` (or a blank canvas
     of ``image_shape``), with the number of anchors the level would have.
 
-    Returns:
-        The ``ipywidgets.interactive`` widget (display it, or let the cell show it).
+    In a headless batch run it draws once with the defaults (see ``labkit.notebook.explorer``).
     """
-    import ipywidgets as widgets
     import matplotlib.pyplot as plt
 
     h, w = image_shape
@@ -331,10 +330,19 @@ def anchor_explorer(
         ax.set_title(f"stride {stride}: {fh}x{fw} cells x {a} = {anchors.shape[0]} anchors")
         plt.show()
 
-    return widgets.interactive(
+    defaults = {
+        "ratios": "0.5, 1, 2",
+        "octave_base_scale": 4.0,
+        "scales_per_octave": 3,
+        "stride": 32,
+    }
+    explorer(
         draw,
-        ratios=widgets.Dropdown(options=list(ratio_choices), value="0.5, 1, 2"),
-        octave_base_scale=widgets.FloatSlider(value=4.0, min=1.0, max=8.0, step=0.5),
-        scales_per_octave=widgets.IntSlider(value=3, min=1, max=4),
-        stride=widgets.Dropdown(options=[8, 16, 32, 64, 128], value=32),
+        defaults,
+        lambda widgets: {
+            "ratios": widgets.Dropdown(options=list(ratio_choices), value=defaults["ratios"]),
+            "octave_base_scale": widgets.FloatSlider(value=4.0, min=1.0, max=8.0, step=0.5),
+            "scales_per_octave": widgets.IntSlider(value=3, min=1, max=4),
+            "stride": widgets.Dropdown(options=[8, 16, 32, 64, 128], value=32),
+        },
     )

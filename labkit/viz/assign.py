@@ -13,6 +13,7 @@ from torch import Tensor
 from labkit.assigners.base import AssignResult
 from labkit.assigners.gmm import COVARIANCE_TYPES
 from labkit.assigners.paa import PAASelection, paa_select
+from labkit.notebook import explorer
 from labkit.viz.draw import draw_boxes, draw_points, level_color, show_image
 
 __all__ = [
@@ -290,13 +291,13 @@ def assignment_explorer(
     pos_losses: Tensor | None = None,
     pos_inds: Tensor | None = None,
     pos_gt_inds: Tensor | None = None,
-) -> Any:
+) -> None:
     """ipywidgets sliders: MaxIoU thresholds, ATSS ``topk``, PAA covariance type, redrawn live.
 
     The PAA panel needs the first-stage positives and their losses (``pos_*``); without them
-    it is left out.
+    it is left out. In a headless batch run it draws once with the defaults (see
+    ``labkit.notebook.explorer``).
     """
-    import ipywidgets as widgets
     import matplotlib.pyplot as plt
 
     from labkit.assigners import ATSSAssigner, MaxIoUAssigner
@@ -339,12 +340,16 @@ def assignment_explorer(
         fig.tight_layout()
         plt.show()
 
-    return widgets.interact(
+    defaults = {"pos_iou_thr": 0.5, "neg_iou_thr": 0.4, "topk": 9, "covariance_type": "diag"}
+    explorer(
         redraw,
-        pos_iou_thr=widgets.FloatSlider(value=0.5, min=0.1, max=0.9, step=0.05, description="pos_iou_thr"),
-        neg_iou_thr=widgets.FloatSlider(value=0.4, min=0.0, max=0.9, step=0.05, description="neg_iou_thr"),
-        topk=widgets.IntSlider(value=9, min=1, max=20, description="topk"),
-        covariance_type=widgets.Dropdown(options=list(COVARIANCE_TYPES), value="diag", description="covariance"),
+        defaults,
+        lambda widgets: {
+            "pos_iou_thr": widgets.FloatSlider(value=0.5, min=0.1, max=0.9, step=0.05, description="pos_iou_thr"),
+            "neg_iou_thr": widgets.FloatSlider(value=0.4, min=0.0, max=0.9, step=0.05, description="neg_iou_thr"),
+            "topk": widgets.IntSlider(value=9, min=1, max=20, description="topk"),
+            "covariance_type": widgets.Dropdown(options=list(COVARIANCE_TYPES), value="diag", description="covariance"),
+        },
     )  # fmt: skip
 
 
