@@ -13,6 +13,7 @@ from labkit.detr.ms_deform_attn import (
     MultiScaleDeformableAttention,
     sampling_locations_from_offsets,
 )
+from labkit.notebook import explorer
 from labkit.viz.draw import draw_boxes, show_image
 
 __all__ = [
@@ -224,9 +225,11 @@ def plot_query_sampling(
     return axes
 
 
-def query_explorer(image: Tensor, capture: dict, batch_index: int = 0, **plot_kwargs: Any) -> Any:
-    """An ipywidget (dropdown of queries, best-scoring first) redrawing :func:`plot_query_sampling`."""
-    import ipywidgets as widgets
+def query_explorer(image: Tensor, capture: dict, batch_index: int = 0, **plot_kwargs: Any) -> None:
+    """An ipywidget (dropdown of queries, best-scoring first) redrawing :func:`plot_query_sampling`.
+
+    In a headless batch run it draws the best-scoring query once (``labkit.notebook.explorer``).
+    """
     import matplotlib.pyplot as plt
 
     scores = capture["scores"][batch_index]
@@ -237,8 +240,12 @@ def query_explorer(image: Tensor, capture: dict, batch_index: int = 0, **plot_kw
         plot_query_sampling(image, capture, query, batch_index, **plot_kwargs)
         plt.show()
 
-    return widgets.interact(
-        draw, query=widgets.Dropdown(options=options, value=order[0], description="query")
+    explorer(
+        draw,
+        {"query": order[0]},
+        lambda widgets: {
+            "query": widgets.Dropdown(options=options, value=order[0], description="query")
+        },
     )
 
 
