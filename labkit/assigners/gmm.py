@@ -110,17 +110,31 @@ def _component_log_probs(x: Tensor, x_sq: Tensor, coef: tuple[Tensor, ...]) -> l
     ]
 
 
-def _m_step(stats: Tensor, sum_x2: Tensor, cov_type: str, reg_covar: float):
-    """Weights, means, variances ``[k, 2]`` from ``stats[k, c] = sum_i resp_ic * (1, x_i, x_i^2)``."""
-    nk = stats[..., 0] + 10 * _EPS64
-    means = stats[..., 1] / nk
+def _m_step(stats: Tensor, sum_x2: Tensor, cov_type: str, reg_covar: float) -> Tensor:
+    """Packed parameters ``[k, 6, 2, 1]`` from ``stats[k, c, j] = sum_i resp_ic x_i^j``.
+
+    ``stats: Tensor[k, 2, 3, 1]``. The six packed planes are weight, mean, variance and the
+    E-step's coefficients ``c0, c1, c2`` (see :func:`_coefficients`): one ``unbind`` reads
+    them, one ``stack`` writes them and one ``torch.where`` freezes a finished mixture.
+    """
+    s0, s1, s2 = stats.unbind(2)
+    nk = s0 + 10 * _EPS64
+    means = s1 / nk
     if cov_type == "tied":
-        shared = (sum_x2 - (nk * means * means).sum(1)) / nk.sum(1) + reg_covar
-        variances = shared[:, None].expand(-1, 2)
+        shared = (sum_x2 - (nk * means * means).sum(1, keepdim=True)) / nk.sum(
+            1, keepdim=True
+        ) + reg_covar
+        variances = shared.expand_as(means)
     else:
         # full, diag and spherical coincide in one dimension.
-        variances = stats[..., 2] / nk - means * means + reg_covar
-    return nk / nk.sum(1, keepdim=True), means, variances
+        variances = s2 / nk - means * means + reg_covar
+    weights = nk / nk.sum(1, keepdim=True)
+    return _pack(weights, means, variances)
+
+
+def _pack(weights: Tensor, means: Tensor, variances: Tensor) -> Tensor:
+    """``[k, 6, 2, 1]``: weights, means, variances (each ``[k, 2, 1]``) and their coefficients."""
+    return torch.stack([weights, means, variances, *_coefficients(weights, means, variances)], 1)
 
 
 def fit_gmm_1d(
@@ -162,11 +176,20 @@ def fit_gmm_1d(
         mask = torch.ones_like(x, dtype=torch.bool)
     elif mask.shape != x.shape or mask.dtype != torch.bool:
         raise ValueError(f"mask: expected a bool tensor of shape {tuple(x.shape)}")
+    with torch.no_grad():
+        return _fit(
+            x, mask, covariance_type, means_init, weights_init, precisions_init, tol, reg_covar,
+            max_iter,
+        )  # fmt: skip
+
+
+def _fit(x, mask, cov_type, means_init, weights_init, precisions_init, tol, reg_covar, max_iter):
     num, device, f64 = x.shape[0], x.device, torch.float64
-    # Per-sample planes (1, x, x^2) as [K, 3, M] (contiguous rows for the E-step) and, per
-    # mixture, one packed state row so that dropping finished mixtures is one index_select:
-    # weights 0:2 | means 2:4 | variances 4:6 | previous bound 6 | count 7 | sum x^2 8 | id 9.
-    planes = _design(x, mask).transpose(1, 2).contiguous()
+    # Per-sample planes (1, x, x^2), zero on padding, as [K, 1, 3, M]: the M-step's sums are
+    # one product with the responsibilities and one reduction over the contiguous last dim.
+    planes = _design(x, mask).transpose(1, 2).contiguous()[:, None]
+    count = planes[:, 0, 0].sum(1)
+    sum_x2 = planes[:, 0, 2].sum(1)[:, None, None]
     if means_init is None:
         lo = torch.where(mask, x, math.inf).amin(1)
         hi = torch.where(mask, x, -math.inf).amax(1)
@@ -177,62 +200,68 @@ def fit_gmm_1d(
         else weights_init.to(device, f64).reshape(num, 2)
     )
     variances = 1.0 / torch.as_tensor(precisions_init, dtype=f64, device=device).expand(num, 2)
-    state = torch.cat(
-        [
-            weights,
-            means_init.to(device, f64).reshape(num, 2),
-            variances,
-            torch.full((num, 1), -math.inf, dtype=f64, device=device),
-            planes[:, 0].sum(1, keepdim=True),
-            planes[:, 2].sum(1, keepdim=True),
-            torch.arange(num, dtype=f64, device=device)[:, None],
-        ],
-        1,
+    params = _pack(
+        weights[..., None], means_init.to(device, f64).reshape(num, 2, 1), variances[..., None]
     )
-    out = torch.empty((num, 10), dtype=f64, device=device)
+    bound = torch.full((num,), -math.inf, dtype=f64, device=device)
+    active = torch.ones(num, dtype=torch.bool, device=device)
+    # Finished mixtures are frozen by a mask; once at most half of the batch is still running
+    # the batch is compacted (rows written to the outputs, the rest index_select-ed).
+    out_params = torch.empty_like(params)
+    out_bound = torch.empty_like(bound)
     out_iter = torch.zeros(num, dtype=torch.long, device=device)
-    converged = torch.zeros(num, dtype=torch.bool, device=device)
-    for it in range(1, max_iter + 1):
-        if state.shape[0] == 0:
-            break
-        # E-step with the current parameters.
-        maskf, xd, x_sq = planes.unbind(1)
-        coef = _coefficients(state[:, 0:2], state[:, 2:4], state[:, 4:6])
-        lp0, lp1 = _component_log_probs(xd, x_sq, coef)
-        log_norm = torch.logaddexp(lp0, lp1)  # [k, M]
-        bound = (log_norm * maskf).sum(1) / state[:, 7]
-        resp = torch.stack([torch.exp(lp0 - log_norm), torch.exp(lp1 - log_norm)], 1)
-        # M-step: stats[k, c] = sum_i resp_ic (1, x_i, x_i^2); padding planes are zero.
-        stats = torch.bmm(resp, planes.transpose(1, 2))  # [k, 2, 3]
-        new = _m_step(stats, state[:, 8], covariance_type, reg_covar)
-        # Each mixture stops on its own, as separate scikit-learn fits would.
-        done = (bound - state[:, 6]).abs() < tol
-        state = torch.cat([*new, bound[:, None], state[:, 7:]], 1)
-        finished = torch.ones_like(done) if it == max_iter else done
-        if not bool(finished.any()):
-            continue
-        fin = finished.nonzero().squeeze(1)
-        ids = state[fin, 9].long()
-        out[ids] = state[fin]
-        out_iter[ids] = it
-        converged[ids] = done[fin]
-        keep = (~finished).nonzero().squeeze(1)
-        state, planes = state.index_select(0, keep), planes.index_select(0, keep)
-    variances = out[:, 4:6]
+    out_active = torch.empty_like(active)
+    ids = torch.arange(num, device=device)
+    history = []
+    n_active = num
+    xs, x2s, maskf = planes[:, :, 1], planes[:, :, 2], planes[:, 0, 0]
+    for _ in range(max_iter):
+        # E-step: log(w_c) + log N(x | c) = c0 + c1 x + c2 x^2 for both components at once.
+        c0, c1, c2 = params[:, 3:].unbind(1)  # [k, 2, 1] each
+        log_prob = torch.addcmul(torch.addcmul(c0, c1, xs), c2, x2s)  # [k, 2, M]
+        log_norm = torch.logaddexp(*log_prob.unbind(1))  # [k, M]
+        new_bound = (log_norm * maskf).sum(1) / count
+        resp = torch.exp(log_prob - log_norm[:, None])
+        # M-step: stats[k, c, j] = sum_i resp_ic x_i^j; padding planes are zero.
+        stats = (resp[:, :, None] * planes).sum(3, keepdim=True)  # [k, 2, 3, 1]
+        new_params = _m_step(stats, sum_x2, cov_type, reg_covar)
+        # A mixture that has stopped keeps its parameters and bound.
+        done = (new_bound - bound).abs() < tol
+        params = torch.where(active.view(-1, 1, 1, 1), new_params, params)
+        bound = torch.where(active, new_bound, bound)
+        history.append(active)
+        active = active & ~done
+        left = int(active.count_nonzero())
+        if left == 0 or 2 * left <= n_active:
+            # Write the batch out, keep the running rows (every op then costs less).
+            out_params[ids], out_bound[ids], out_active[ids] = params, bound, active
+            out_iter[ids] += torch.stack(history).sum(0)
+            if left == 0:
+                break
+            keep = active.nonzero().squeeze(1)
+            ids, params, bound, planes = ids[keep], params[keep], bound[keep], planes[keep]
+            count, sum_x2, active = count[keep], sum_x2[keep], active[keep]
+            xs, x2s, maskf = planes[:, :, 1], planes[:, :, 2], planes[:, 0, 0]
+            history, n_active = [], left
+    else:
+        if history:  # max_iter reached with rows still running
+            out_params[ids], out_bound[ids], out_active[ids] = params, bound, active
+            out_iter[ids] += torch.stack(history).sum(0)
+    variances = out_params[:, 2, :, 0]
     if not bool((variances > 0).all()):
         raise ValueError(
             "x: a mixture has a non-positive variance (collapsed samples); "
             "increase reg_covar or rescale the data"
         )
     return GMM1D(
-        covariance_type,
-        out[:, 0:2],
-        out[:, 2:4],
+        cov_type,
+        out_params[:, 0, :, 0],
+        out_params[:, 1, :, 0],
         variances,
         1.0 / torch.sqrt(variances),
         out_iter,
-        converged,
-        out[:, 6],
+        ~out_active,
+        out_bound,
     )
 
 

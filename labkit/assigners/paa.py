@@ -51,8 +51,7 @@ from labkit.assigners.gmm import (
     COVARIANCE_TYPES,
     GMM1D,
     fit_gmm_1d,
-    gmm_predict,
-    gmm_score_samples,
+    gmm_log_prob,
     sklearn_precisions_init,
 )
 
@@ -99,8 +98,12 @@ class PAASelection:
 
 
 def _level_of(pos_inds: Tensor, num_level_anchors: Sequence[int]) -> Tensor:
-    ends = torch.as_tensor(np.cumsum(num_level_anchors), device=pos_inds.device)
-    return torch.searchsorted(ends, pos_inds, right=True)
+    """Pyramid level of each prior index: a lookup in a per-prior table (any order of inds)."""
+    counts = torch.as_tensor(list(num_level_anchors), device=pos_inds.device)
+    table = torch.repeat_interleave(
+        torch.arange(len(num_level_anchors), device=pos_inds.device), counts
+    )
+    return table.index_select(0, pos_inds)
 
 
 def _sort_key(group: Tensor, losses: Tensor) -> Tensor:
@@ -109,54 +112,33 @@ def _sort_key(group: Tensor, losses: Tensor) -> Tensor:
     One integer sort replaces a float sort plus a stable group sort (and is several times
     faster on CPU than sorting floats).
     """
-    bits = losses.float().view(torch.int32).long() & 0xFFFFFFFF
-    # IEEE floats sort like integers once negative values have all bits flipped and
-    # non-negative ones the sign bit set.
-    monotone = torch.where(bits >= 0x80000000, 0xFFFFFFFF - bits, bits | 0x80000000)
+    bits = losses.float().view(torch.int32)
+    # IEEE floats sort like signed integers once the 31 low bits of negative values are
+    # flipped; the offset 2^31 then makes every key non-negative below 2^32.
+    monotone = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long() + 0x80000000
     return (group.long() << 32) | monotone
 
 
 def _select_candidates(
     pos_losses: Tensor, pos_gt_inds: Tensor, levels: Tensor, num_gt: int, num_levels: int, topk: int
 ) -> tuple[Tensor, Tensor]:
-    """Positions (into the positives) of each GT's candidates, grouped by GT and sorted by loss.
+    """Each GT's candidates, as positions into the positives, in a ``[K, L * topk]`` layout.
 
-    Returns ``(order, gt_of)``: ``order`` indexes the positives, ``gt_of`` their GT.
+    Returns ``(cand, valid)``: ``cand[k, l * topk + r]`` is the position of the ``r``-th
+    smallest loss of GT ``k`` on level ``l`` (0 where ``valid`` is False).
     """
-    # Sort by (GT, level, loss): each group is contiguous and ordered by loss, so a
-    # candidate is one whose rank inside its group is below topk.
-    group = pos_gt_inds * num_levels + levels
-    order = torch.sort(_sort_key(group, pos_losses), stable=True).indices
-    group_sorted = group[order]
-    counts = torch.bincount(group_sorted, minlength=num_gt * num_levels)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(order.numel(), device=order.device) - starts[group_sorted]
-    order = order[rank < topk]
-    # The GMM sees each GT's candidates from all levels together, sorted by loss.
-    order = order[torch.sort(_sort_key(pos_gt_inds[order], pos_losses[order]), stable=True).indices]
-    return order, pos_gt_inds[order]
-
-
-def _pad_by_gt(values: Tensor, gt_of: Tensor, num_gt: int, fill) -> tuple[Tensor, Tensor]:
-    """Scatter GT-grouped ``values: [C]`` into ``[K, M]`` rows (M = most candidates of a GT)."""
-    counts = torch.bincount(gt_of, minlength=num_gt)
-    width = int(counts.max()) if counts.numel() else 0
-    starts = torch.cumsum(counts, 0) - counts
-    col = torch.arange(gt_of.numel(), device=gt_of.device) - starts[gt_of]
-    out = values.new_full((num_gt, width), fill)
-    out[gt_of, col] = values
-    mask = torch.zeros((num_gt, width), dtype=torch.bool, device=values.device)
-    mask[gt_of, col] = True
-    return out, mask
-
-
-def _separate(components: Tensor, scores: Tensor, valid: Tensor) -> Tensor:
-    """``gmm_separation_scheme`` for every row: keep component-0 candidates up to the best score."""
-    fg = (components == 0) & valid
-    fg_scores = torch.where(fg, scores, -torch.inf)
-    best = fg_scores.argmax(1, keepdim=True)  # column of the most likely fg candidate
-    cols = torch.arange(fg.shape[1], device=fg.device)[None, :]
-    return fg & (cols <= best)
+    # One sort by (GT, level, loss): each (GT, level) group is contiguous and ordered by
+    # loss, and its bounds are found by a binary search of the group ids in the sorted keys
+    # -- no pass over the positives beyond the key and the sort.
+    num_groups = num_gt * num_levels
+    keys, order = torch.sort(_sort_key(pos_gt_inds * num_levels + levels, pos_losses), stable=True)
+    ids = torch.arange(num_groups + 1, device=keys.device) << 32
+    bounds = torch.searchsorted(keys, ids)
+    starts, counts = bounds[:-1, None], (bounds[1:] - bounds[:-1])[:, None]
+    rank = torch.arange(topk, device=keys.device)
+    valid = rank < counts  # [G * L, topk]
+    cand = order[torch.where(valid, starts + rank, 0).clamp_(max=max(order.numel() - 1, 0))]
+    return cand.view(num_gt, num_levels * topk), valid.view(num_gt, num_levels * topk)
 
 
 def paa_select(
@@ -177,23 +159,54 @@ def paa_select(
         topk: candidates per level per GT.
         covariance_type: ``"full"``, ``"tied"``, ``"diag"`` or ``"spherical"``.
     """
+    with torch.no_grad():
+        sel, _ = _select(
+            pos_losses, pos_inds, pos_gt_inds, num_level_anchors, topk, covariance_type
+        )
+    return sel
+
+
+def _select(pos_losses, pos_inds, pos_gt_inds, num_level_anchors, topk, covariance_type):
+    """:func:`paa_select`, plus the positions (into the positives) of the kept candidates."""
+    pos_losses = pos_losses.detach()
     num_gt = int(pos_gt_inds.max()) + 1 if pos_gt_inds.numel() else 0
     num_levels = len(num_level_anchors)
     levels = _level_of(pos_inds, num_level_anchors)
-    order, gt_of = _select_candidates(
-        pos_losses.detach(), pos_gt_inds, levels, num_gt, num_levels, topk
-    )
-    losses, mask = _pad_by_gt(pos_losses.detach()[order].double(), gt_of, num_gt, 0.0)
-    cand_inds, _ = _pad_by_gt(pos_inds[order], gt_of, num_gt, -1)
-    fitted = mask.sum(1) >= 2
+    cand, valid = _select_candidates(pos_losses, pos_gt_inds, levels, num_gt, num_levels, topk)
+    # The GMM sees each GT's candidates from all levels together, sorted by loss (a stable
+    # row sort: padding, at +inf, goes last), trimmed to the widest GT.
+    losses = torch.where(valid, pos_losses[cand].double(), torch.inf)
+    losses, col = torch.sort(losses, dim=1, stable=True)
+    num_cand = valid.sum(1)
+    width = int(num_cand.max()) if num_gt else 0
+    losses, col = losses[:, :width], col[:, :width]
+    cand = cand.gather(1, col)
+    mask = torch.arange(width, device=cand.device) < num_cand[:, None]
+    losses = torch.where(mask, losses, 0.0)
+    cand_inds = torch.where(mask, pos_inds[cand], -1)
+    fitted = num_cand >= 2
     rows = fitted.nonzero().squeeze(1)
-    gmm = fit_gmm_1d(losses[rows], mask[rows], covariance_type=covariance_type)
+    x, m = losses.index_select(0, rows), mask.index_select(0, rows)
+    gmm = fit_gmm_1d(x, m, covariance_type=covariance_type)
+    # predict and score_samples from one evaluation of both components' log-likelihoods
+    lp = gmm_log_prob(gmm, x)
+    lp0, lp1 = lp[..., 0], lp[..., 1]
     components = torch.full_like(cand_inds, -1)
     scores = torch.full_like(losses, -torch.inf)
-    components[rows] = torch.where(mask[rows], gmm_predict(gmm, losses[rows]), -1)
-    scores[rows] = torch.where(mask[rows], gmm_score_samples(gmm, losses[rows]), -torch.inf)
+    components[rows] = torch.where(m, (lp1 > lp0).long(), -1)
+    scores[rows] = torch.where(m, torch.logaddexp(lp0, lp1), -torch.inf)
     keep = _separate(components, scores, mask & fitted[:, None])
-    return PAASelection(cand_inds, losses, mask, fitted, gmm, components, scores, keep)
+    sel = PAASelection(cand_inds, losses, mask, fitted, gmm, components, scores, keep)
+    return sel, cand[keep]
+
+
+def _separate(components: Tensor, scores: Tensor, valid: Tensor) -> Tensor:
+    """``gmm_separation_scheme`` for every row: keep component-0 candidates up to the best score."""
+    fg = (components == 0) & valid
+    fg_scores = torch.where(fg, scores, -torch.inf)
+    best = fg_scores.argmax(1, keepdim=True)  # column of the most likely fg candidate
+    cols = torch.arange(fg.shape[1], device=fg.device)[None, :]
+    return fg & (cols <= best)
 
 
 def _paa_pos_inds_sklearn(
@@ -300,22 +313,24 @@ def paa_reassign(
         raise ValueError(f"topk: expected a positive integer, got {topk!r}")
     if len(pos_inds) == 0:
         return labels, label_weights, bbox_weights, 0
+    labels_in, bbox_weights_in = labels, bbox_weights
 
     if backend == "torch":
-        kept = paa_select(
-            pos_losses, pos_inds, pos_gt_inds, num_level_anchors, topk, covariance_type
-        ).pos_inds
+        with torch.no_grad():
+            _, kept = _select(
+                pos_losses, pos_inds, pos_gt_inds, num_level_anchors, topk, covariance_type
+            )
+        kept = pos_inds[kept]
     else:
         kept = _paa_pos_inds_sklearn(
             pos_losses.detach(), pos_inds, pos_gt_inds, num_level_anchors, topk, covariance_type
         )
-    is_kept = torch.zeros(labels.shape[0], dtype=torch.bool, device=labels.device)
-    is_kept[kept] = True
-    reassign_ids = pos_inds[~is_kept[pos_inds]]
-    labels = labels.clone()
-    label_weights = label_weights.clone()
-    bbox_weights = bbox_weights.clone()
-    labels[reassign_ids] = num_classes
-    bbox_weights[reassign_ids] = 0
+    # Every first-stage positive becomes background, then the kept ones get their values
+    # back: two index_fill over the positives and small copies, no mask over all priors.
+    labels = labels.index_fill(0, pos_inds, num_classes)
+    labels[kept] = labels_in[kept]
+    bbox_weights = bbox_weights.index_fill(0, pos_inds, 0)
+    bbox_weights[kept] = bbox_weights_in[kept]
     # gmm_separation_scheme ignores nothing, so label_weights stay as they are.
+    label_weights = label_weights.clone()
     return labels, label_weights, bbox_weights, int(kept.numel())
