@@ -111,13 +111,14 @@ def _component_log_probs(x: Tensor, x_sq: Tensor, coef: tuple[Tensor, ...]) -> l
 
 
 def _m_step(stats: Tensor, sum_x2: Tensor, cov_type: str, reg_covar: float) -> Tensor:
-    """Packed parameters ``[k, 6, 2, 1]`` from ``stats[k, c, j] = sum_i resp_ic x_i^j``.
+    """Packed parameters ``[k, 6, 2, 1, 1]`` from ``stats[k, c, j] = sum_i resp_ic x_i^j``.
 
-    ``stats: Tensor[k, 2, 3, 1]``. The six packed planes are weight, mean, variance and the
-    E-step's coefficients ``c0, c1, c2`` (see :func:`_coefficients`): one ``unbind`` reads
-    them, one ``stack`` writes them and one ``torch.where`` freezes a finished mixture.
+    ``stats: Tensor[k, 2, 3]``. The six packed planes are weight, mean, variance and the
+    E-step's coefficients ``c0, c1, c2`` (see :func:`_coefficients`), each ``[k, 2, 1, 1]``:
+    one ``unbind`` reads them, one ``stack`` writes them and one ``torch.where`` freezes a
+    finished mixture.
     """
-    s0, s1, s2 = stats.unbind(2)
+    s0, s1, s2 = stats[..., None, None].unbind(2)  # [k, 2, 1, 1] each
     nk = s0 + 10 * _EPS64
     means = s1 / nk
     if cov_type == "tied":
@@ -133,7 +134,7 @@ def _m_step(stats: Tensor, sum_x2: Tensor, cov_type: str, reg_covar: float) -> T
 
 
 def _pack(weights: Tensor, means: Tensor, variances: Tensor) -> Tensor:
-    """``[k, 6, 2, 1]``: weights, means, variances (each ``[k, 2, 1]``) and their coefficients."""
+    """``[k, 6, ...]``: weights, means, variances (each ``[k, 2, ...]``) and their coefficients."""
     return torch.stack([weights, means, variances, *_coefficients(weights, means, variances)], 1)
 
 
@@ -176,20 +177,29 @@ def fit_gmm_1d(
         mask = torch.ones_like(x, dtype=torch.bool)
     elif mask.shape != x.shape or mask.dtype != torch.bool:
         raise ValueError(f"mask: expected a bool tensor of shape {tuple(x.shape)}")
-    with torch.no_grad():
-        return _fit(
+    # inference_mode: no autograd bookkeeping on the ~40 small ops per EM iteration; the
+    # results are cloned out of it so that callers get ordinary tensors.
+    with torch.inference_mode():
+        gmm = _fit(
             x, mask, covariance_type, means_init, weights_init, precisions_init, tol, reg_covar,
             max_iter,
         )  # fmt: skip
+    return GMM1D(
+        gmm.covariance_type,
+        *(t.clone() for t in (gmm.weights, gmm.means, gmm.variances, gmm.precisions_chol)),
+        *(t.clone() for t in (gmm.n_iter, gmm.converged, gmm.lower_bound)),
+    )
 
 
 def _fit(x, mask, cov_type, means_init, weights_init, precisions_init, tol, reg_covar, max_iter):
     num, device, f64 = x.shape[0], x.device, torch.float64
     # Per-sample planes (1, x, x^2), zero on padding, as [K, 1, 3, M]: the M-step's sums are
-    # one product with the responsibilities and one reduction over the contiguous last dim.
-    planes = _design(x, mask).transpose(1, 2).contiguous()[:, None]
+    # one product with the responsibilities [K, 2, 1, M] and one reduction over the
+    # contiguous last dim. Parameters are [K, 2, 1, 1] so that they broadcast without views.
+    design = _design(x, mask)  # [K, M, 3]
+    planes = design.transpose(1, 2).contiguous()[:, None]
     count = planes[:, 0, 0].sum(1)
-    sum_x2 = planes[:, 0, 2].sum(1)[:, None, None]
+    sum_x2 = planes[:, 0, 2].sum(1)[:, None, None, None]
     if means_init is None:
         lo = torch.where(mask, x, math.inf).amin(1)
         hi = torch.where(mask, x, -math.inf).amax(1)
@@ -201,8 +211,10 @@ def _fit(x, mask, cov_type, means_init, weights_init, precisions_init, tol, reg_
     )
     variances = 1.0 / torch.as_tensor(precisions_init, dtype=f64, device=device).expand(num, 2)
     params = _pack(
-        weights[..., None], means_init.to(device, f64).reshape(num, 2, 1), variances[..., None]
-    )
+        weights.view(num, 2, 1, 1),
+        means_init.to(device, f64).reshape(num, 2, 1, 1),
+        variances.reshape(num, 2, 1, 1),
+    )  # [K, 6, 2, 1, 1]
     bound = torch.full((num,), -math.inf, dtype=f64, device=device)
     active = torch.ones(num, dtype=torch.bool, device=device)
     # Finished mixtures are frozen by a mask; once at most half of the batch is still running
@@ -214,23 +226,23 @@ def _fit(x, mask, cov_type, means_init, weights_init, precisions_init, tol, reg_
     ids = torch.arange(num, device=device)
     history = []
     n_active = num
-    xs, x2s, maskf = planes[:, :, 1], planes[:, :, 2], planes[:, 0, 0]
+    xs, x2s, maskf = planes[:, :, 1:2], planes[:, :, 2:3], planes[:, :, 0:1]  # [k, 1, 1, M]
     for _ in range(max_iter):
         # E-step: log(w_c) + log N(x | c) = c0 + c1 x + c2 x^2 for both components at once.
-        c0, c1, c2 = params[:, 3:].unbind(1)  # [k, 2, 1] each
-        log_prob = torch.addcmul(torch.addcmul(c0, c1, xs), c2, x2s)  # [k, 2, M]
-        log_norm = torch.logaddexp(*log_prob.unbind(1))  # [k, M]
-        new_bound = (log_norm * maskf).sum(1) / count
-        resp = torch.exp(log_prob - log_norm[:, None])
+        c0, c1, c2 = params[:, 3:].unbind(1)  # [k, 2, 1, 1] each
+        log_prob = torch.addcmul(torch.addcmul(c0, c1, xs), c2, x2s)  # [k, 2, 1, M]
+        log_norm = torch.logaddexp(*log_prob.split(1, dim=1))  # [k, 1, 1, M]
+        new_bound = (log_norm * maskf).sum((1, 2, 3)) / count
+        resp = torch.exp(log_prob - log_norm)
         # M-step: stats[k, c, j] = sum_i resp_ic x_i^j; padding planes are zero.
-        stats = (resp[:, :, None] * planes).sum(3, keepdim=True)  # [k, 2, 3, 1]
+        stats = torch.bmm(resp.view(-1, 2, design.shape[1]), design)  # [k, 2, 3]
         new_params = _m_step(stats, sum_x2, cov_type, reg_covar)
-        # A mixture that has stopped keeps its parameters and bound.
-        done = (new_bound - bound).abs() < tol
-        params = torch.where(active.view(-1, 1, 1, 1), new_params, params)
-        bound = torch.where(active, new_bound, bound)
+        # A mixture that has stopped keeps its parameters and bound. (A NaN bound also
+        # stops; its variances then fail the check below, where scikit-learn raises too.)
+        params = torch.where(active.view(-1, 1, 1, 1, 1), new_params, params)
         history.append(active)
-        active = active & ~done
+        active = active & ((new_bound - bound).abs() >= tol)
+        bound = torch.where(history[-1], new_bound, bound)
         left = int(active.count_nonzero())
         if left == 0 or 2 * left <= n_active:
             # Write the batch out, keep the running rows (every op then costs less).
@@ -240,14 +252,16 @@ def _fit(x, mask, cov_type, means_init, weights_init, precisions_init, tol, reg_
                 break
             keep = active.nonzero().squeeze(1)
             ids, params, bound, planes = ids[keep], params[keep], bound[keep], planes[keep]
+            design = design[keep]
             count, sum_x2, active = count[keep], sum_x2[keep], active[keep]
-            xs, x2s, maskf = planes[:, :, 1], planes[:, :, 2], planes[:, 0, 0]
+            xs, x2s, maskf = planes[:, :, 1:2], planes[:, :, 2:3], planes[:, :, 0:1]
             history, n_active = [], left
     else:
         if history:  # max_iter reached with rows still running
             out_params[ids], out_bound[ids], out_active[ids] = params, bound, active
             out_iter[ids] += torch.stack(history).sum(0)
-    variances = out_params[:, 2, :, 0]
+    out_params = out_params.view(num, 6, 2)
+    variances = out_params[:, 2]
     if not bool((variances > 0).all()):
         raise ValueError(
             "x: a mixture has a non-positive variance (collapsed samples); "
@@ -255,8 +269,8 @@ def _fit(x, mask, cov_type, means_init, weights_init, precisions_init, tol, reg_
         )
     return GMM1D(
         cov_type,
-        out_params[:, 0, :, 0],
-        out_params[:, 1, :, 0],
+        out_params[:, 0],
+        out_params[:, 1],
         variances,
         1.0 / torch.sqrt(variances),
         out_iter,

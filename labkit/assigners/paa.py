@@ -26,9 +26,10 @@ Entry point::
         num_level_anchors,  # list[int]   priors per level (sum = N)
         num_classes=C, topk=9, covariance_type="diag", backend="torch")
 
-It returns new tensors (the inputs are not modified; with no positive they are returned as
-they are): re-assigned priors get label ``C`` and bbox weight 0; ``num_pos`` (int) counts the
-positives kept. :func:`paa_select` exposes the intermediate steps (candidates, fitted GMMs,
+It returns new ``labels`` and ``bbox_weights`` (the inputs are not modified; with no positive
+they are returned as they are): re-assigned priors get label ``C`` and bbox weight 0;
+``label_weights`` comes back as the same tensor (this scheme ignores nothing); ``num_pos``
+(int) counts the positives kept. :func:`paa_select` exposes the intermediate steps (candidates, fitted GMMs,
 which candidates stay) for plots.
 
 Backends: ``"torch"`` (default) fits every GT's mixture at once with
@@ -98,12 +99,8 @@ class PAASelection:
 
 
 def _level_of(pos_inds: Tensor, num_level_anchors: Sequence[int]) -> Tensor:
-    """Pyramid level of each prior index: a lookup in a per-prior table (any order of inds)."""
-    counts = torch.as_tensor(list(num_level_anchors), device=pos_inds.device)
-    table = torch.repeat_interleave(
-        torch.arange(len(num_level_anchors), device=pos_inds.device), counts
-    )
-    return table.index_select(0, pos_inds)
+    ends = torch.as_tensor(np.cumsum(num_level_anchors), device=pos_inds.device)
+    return torch.searchsorted(ends, pos_inds, right=True)
 
 
 def _sort_key(group: Tensor, losses: Tensor) -> Tensor:
@@ -115,8 +112,8 @@ def _sort_key(group: Tensor, losses: Tensor) -> Tensor:
     bits = losses.float().view(torch.int32)
     # IEEE floats sort like signed integers once the 31 low bits of negative values are
     # flipped; the offset 2^31 then makes every key non-negative below 2^32.
-    monotone = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long() + 0x80000000
-    return (group.long() << 32) | monotone
+    monotone = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
+    return monotone.add_(group, alpha=1 << 32).add_(0x80000000)
 
 
 def _select_candidates(
@@ -131,7 +128,9 @@ def _select_candidates(
     # loss, and its bounds are found by a binary search of the group ids in the sorted keys
     # -- no pass over the positives beyond the key and the sort.
     num_groups = num_gt * num_levels
-    keys, order = torch.sort(_sort_key(pos_gt_inds * num_levels + levels, pos_losses), stable=True)
+    keys, order = torch.sort(
+        _sort_key(torch.add(levels, pos_gt_inds, alpha=num_levels), pos_losses), stable=True
+    )
     ids = torch.arange(num_groups + 1, device=keys.device) << 32
     bounds = torch.searchsorted(keys, ids)
     starts, counts = bounds[:-1, None], (bounds[1:] - bounds[:-1])[:, None]
@@ -316,7 +315,8 @@ def paa_reassign(
     labels_in, bbox_weights_in = labels, bbox_weights
 
     if backend == "torch":
-        with torch.no_grad():
+        # inference_mode: only ``kept`` (read) leaves the block
+        with torch.inference_mode():
             _, kept = _select(
                 pos_losses, pos_inds, pos_gt_inds, num_level_anchors, topk, covariance_type
             )
@@ -331,6 +331,5 @@ def paa_reassign(
     labels[kept] = labels_in[kept]
     bbox_weights = bbox_weights.index_fill(0, pos_inds, 0)
     bbox_weights[kept] = bbox_weights_in[kept]
-    # gmm_separation_scheme ignores nothing, so label_weights stay as they are.
-    label_weights = label_weights.clone()
+    # gmm_separation_scheme ignores nothing: label_weights is returned as it is (not a copy).
     return labels, label_weights, bbox_weights, int(kept.numel())
