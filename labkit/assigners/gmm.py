@@ -93,7 +93,8 @@ def _coefficients(weights: Tensor, means: Tensor, variances: Tensor) -> tuple[Te
     """
     prec = variances.reciprocal()
     mean_prec = means * prec
-    const = 0.5 * (torch.log(weights * weights * prec) - means * mean_prec - _LOG_2PI)
+    log_w2_prec = torch.log(weights * weights * prec)
+    const = 0.5 * (torch.addcmul(log_w2_prec, means, mean_prec, value=-1) - _LOG_2PI)
     return const, mean_prec, -0.5 * prec
 
 
@@ -111,14 +112,14 @@ def _component_log_probs(x: Tensor, x_sq: Tensor, coef: tuple[Tensor, ...]) -> l
 
 
 def _m_step(stats: Tensor, sum_x2: Tensor, cov_type: str, reg_covar: float) -> Tensor:
-    """Packed parameters ``[k, 6, 2, 1, 1]`` from ``stats[k, c, j] = sum_i resp_ic x_i^j``.
+    """Packed parameters ``[k, 6, 2, 1]`` from ``stats[k, c, j] = sum_i resp_ic x_i^j``.
 
     ``stats: Tensor[k, 2, 3]``. The six packed planes are weight, mean, variance and the
-    E-step's coefficients ``c0, c1, c2`` (see :func:`_coefficients`), each ``[k, 2, 1, 1]``:
+    E-step's coefficients ``c0, c1, c2`` (see :func:`_coefficients`), each ``[k, 2, 1]``:
     one ``unbind`` reads them, one ``stack`` writes them and one ``torch.where`` freezes a
     finished mixture.
     """
-    s0, s1, s2 = stats[..., None, None].unbind(2)  # [k, 2, 1, 1] each
+    s0, s1, s2 = stats.split(1, dim=2)  # [k, 2, 1] each
     nk = s0 + 10 * _EPS64
     means = s1 / nk
     if cov_type == "tied":
@@ -193,13 +194,13 @@ def fit_gmm_1d(
 
 def _fit(x, mask, cov_type, means_init, weights_init, precisions_init, tol, reg_covar, max_iter):
     num, device, f64 = x.shape[0], x.device, torch.float64
-    # Per-sample planes (1, x, x^2), zero on padding, as [K, 1, 3, M]: the M-step's sums are
-    # one product with the responsibilities [K, 2, 1, M] and one reduction over the
-    # contiguous last dim. Parameters are [K, 2, 1, 1] so that they broadcast without views.
-    design = _design(x, mask)  # [K, M, 3]
-    planes = design.transpose(1, 2).contiguous()[:, None]
-    count = planes[:, 0, 0].sum(1)
-    sum_x2 = planes[:, 0, 2].sum(1)[:, None, None, None]
+    # Per-sample rows (1, x, x^2), zero on padding: [K, M, 3] for the M-step's sums (one
+    # bmm with the responsibilities [K, 2, M]) and planes [K, 3, M] for the E-step.
+    # Parameters are [K, 2, 1] so that they broadcast against [K, 1, M] without views.
+    design = _design(x, mask)
+    planes = design.transpose(1, 2).contiguous()
+    count = planes[:, 0].sum(1)
+    sum_x2 = planes[:, 2].sum(1)[:, None, None]
     if means_init is None:
         lo = torch.where(mask, x, math.inf).amin(1)
         hi = torch.where(mask, x, -math.inf).amax(1)
@@ -211,10 +212,10 @@ def _fit(x, mask, cov_type, means_init, weights_init, precisions_init, tol, reg_
     )
     variances = 1.0 / torch.as_tensor(precisions_init, dtype=f64, device=device).expand(num, 2)
     params = _pack(
-        weights.view(num, 2, 1, 1),
-        means_init.to(device, f64).reshape(num, 2, 1, 1),
-        variances.reshape(num, 2, 1, 1),
-    )  # [K, 6, 2, 1, 1]
+        weights.view(num, 2, 1),
+        means_init.to(device, f64).reshape(num, 2, 1),
+        variances.reshape(num, 2, 1),
+    )  # [K, 6, 2, 1]
     bound = torch.full((num,), -math.inf, dtype=f64, device=device)
     active = torch.ones(num, dtype=torch.bool, device=device)
     # Finished mixtures are frozen by a mask; once at most half of the batch is still running
@@ -226,20 +227,19 @@ def _fit(x, mask, cov_type, means_init, weights_init, precisions_init, tol, reg_
     ids = torch.arange(num, device=device)
     history = []
     n_active = num
-    xs, x2s, maskf = planes[:, :, 1:2], planes[:, :, 2:3], planes[:, :, 0:1]  # [k, 1, 1, M]
+    maskf, xs, x2s = planes.split(1, dim=1)  # [k, 1, M]
     for _ in range(max_iter):
         # E-step: log(w_c) + log N(x | c) = c0 + c1 x + c2 x^2 for both components at once.
-        c0, c1, c2 = params[:, 3:].unbind(1)  # [k, 2, 1, 1] each
-        log_prob = torch.addcmul(torch.addcmul(c0, c1, xs), c2, x2s)  # [k, 2, 1, M]
-        log_norm = torch.logaddexp(*log_prob.split(1, dim=1))  # [k, 1, 1, M]
-        new_bound = (log_norm * maskf).sum((1, 2, 3)) / count
+        c0, c1, c2 = params[:, 3:].unbind(1)  # [k, 2, 1] each
+        log_prob = torch.addcmul(torch.addcmul(c0, c1, xs), c2, x2s)  # [k, 2, M]
+        log_norm = torch.logaddexp(*log_prob.split(1, dim=1))  # [k, 1, M]
+        new_bound = (log_norm * maskf).sum((1, 2)) / count
         resp = torch.exp(log_prob - log_norm)
-        # M-step: stats[k, c, j] = sum_i resp_ic x_i^j; padding planes are zero.
-        stats = torch.bmm(resp.view(-1, 2, design.shape[1]), design)  # [k, 2, 3]
-        new_params = _m_step(stats, sum_x2, cov_type, reg_covar)
+        # M-step: stats[k, c, j] = sum_i resp_ic x_i^j; padding rows are zero.
+        new_params = _m_step(torch.bmm(resp, design), sum_x2, cov_type, reg_covar)
         # A mixture that has stopped keeps its parameters and bound. (A NaN bound also
         # stops; its variances then fail the check below, where scikit-learn raises too.)
-        params = torch.where(active.view(-1, 1, 1, 1, 1), new_params, params)
+        params = torch.where(active.view(-1, 1, 1, 1), new_params, params)
         history.append(active)
         active = active & ((new_bound - bound).abs() >= tol)
         bound = torch.where(history[-1], new_bound, bound)
@@ -254,7 +254,7 @@ def _fit(x, mask, cov_type, means_init, weights_init, precisions_init, tol, reg_
             ids, params, bound, planes = ids[keep], params[keep], bound[keep], planes[keep]
             design = design[keep]
             count, sum_x2, active = count[keep], sum_x2[keep], active[keep]
-            xs, x2s, maskf = planes[:, :, 1:2], planes[:, :, 2:3], planes[:, :, 0:1]
+            maskf, xs, x2s = planes.split(1, dim=1)
             history, n_active = [], left
     else:
         if history:  # max_iter reached with rows still running

@@ -59,6 +59,7 @@ from labkit.assigners.gmm import (
 __all__ = ["PAASelection", "paa_reassign", "paa_select"]
 
 BACKENDS = ("torch", "sklearn")
+_KEY_MAX = torch.iinfo(torch.int64).max
 
 
 @dataclass
@@ -128,15 +129,28 @@ def _select_candidates(
     # loss, and its bounds are found by a binary search of the group ids in the sorted keys
     # -- no pass over the positives beyond the key and the sort.
     num_groups = num_gt * num_levels
-    keys, order = torch.sort(
-        _sort_key(torch.add(levels, pos_gt_inds, alpha=num_levels), pos_losses), stable=True
-    )
+    group = torch.add(levels, pos_gt_inds, alpha=num_levels)
+    keys = _sort_key(group, pos_losses)
+    # Prefilter (exact): deal each group's positives into B >= topk buckets; the topk-th
+    # smallest of the bucket minima (topk distinct members) bounds the group's topk-th
+    # smallest key from above, so the keys at or below it hold every candidate, ties
+    # included. Only they are sorted (~10% of the positives). Gathers use index_select,
+    # several times faster than advanced indexing on CPU.
+    num_buckets = 1 << (topk - 1).bit_length()
+    bucket = torch.arange(keys.numel(), device=keys.device).bitwise_and_(num_buckets - 1)
+    minima = torch.full((num_groups * num_buckets,), _KEY_MAX, dtype=torch.long, device=keys.device)
+    minima.scatter_reduce_(0, bucket.add_(group, alpha=num_buckets), keys, "amin")
+    bound = minima.view(num_groups, num_buckets).sort(1).values[:, topk - 1]
+    kept = (keys <= bound.index_select(0, group)).nonzero().squeeze(1)
+    keys, order = torch.sort(keys.index_select(0, kept), stable=True)
+    order = kept.index_select(0, order)
     ids = torch.arange(num_groups + 1, device=keys.device) << 32
     bounds = torch.searchsorted(keys, ids)
     starts, counts = bounds[:-1, None], (bounds[1:] - bounds[:-1])[:, None]
     rank = torch.arange(topk, device=keys.device)
     valid = rank < counts  # [G * L, topk]
-    cand = order[torch.where(valid, starts + rank, 0).clamp_(max=max(order.numel() - 1, 0))]
+    pick = torch.where(valid, starts + rank, 0).clamp_(max=max(order.numel() - 1, 0))
+    cand = order.index_select(0, pick.view(-1))
     return cand.view(num_gt, num_levels * topk), valid.view(num_gt, num_levels * topk)
 
 
