@@ -129,7 +129,7 @@ def _m_step(stats: Tensor, sum_x2: Tensor, cov_type: str, reg_covar: float) -> T
         variances = shared.expand_as(means)
     else:
         # full, diag and spherical coincide in one dimension.
-        variances = s2 / nk - means * means + reg_covar
+        variances = torch.addcmul(s2 / nk, means, means, value=-1) + reg_covar
     weights = nk / nk.sum(1, keepdim=True)
     return _pack(weights, means, variances)
 
@@ -218,15 +218,16 @@ def _fit(x, mask, cov_type, means_init, weights_init, precisions_init, tol, reg_
     )  # [K, 6, 2, 1]
     bound = torch.full((num,), -math.inf, dtype=f64, device=device)
     active = torch.ones(num, dtype=torch.bool, device=device)
-    # Finished mixtures are frozen by a mask; once at most half of the batch is still running
-    # the batch is compacted (rows written to the outputs, the rest index_select-ed).
+    # No per-iteration freezing: every row keeps iterating, and each iteration's parameters,
+    # bound and activity are only kept in lists (no op). When at most half of the batch
+    # is still running (or none is), each row's values at its own stopping iteration are
+    # gathered into the outputs and the batch shrinks to the running rows.
     out_params = torch.empty_like(params)
     out_bound = torch.empty_like(bound)
     out_iter = torch.zeros(num, dtype=torch.long, device=device)
     out_active = torch.empty_like(active)
     ids = torch.arange(num, device=device)
-    history = []
-    n_active = num
+    hist_active, hist_params, hist_bound = [], [], []
     maskf, xs, x2s = planes.split(1, dim=1)  # [k, 1, M]
     for _ in range(max_iter):
         # E-step: log(w_c) + log N(x | c) = c0 + c1 x + c2 x^2 for both components at once.
@@ -236,18 +237,19 @@ def _fit(x, mask, cov_type, means_init, weights_init, precisions_init, tol, reg_
         new_bound = (log_norm * maskf).sum((1, 2)) / count
         resp = torch.exp(log_prob - log_norm)
         # M-step: stats[k, c, j] = sum_i resp_ic x_i^j; padding rows are zero.
-        new_params = _m_step(torch.bmm(resp, design), sum_x2, cov_type, reg_covar)
-        # A mixture that has stopped keeps its parameters and bound. (A NaN bound also
-        # stops; its variances then fail the check below, where scikit-learn raises too.)
-        params = torch.where(active.view(-1, 1, 1, 1), new_params, params)
-        history.append(active)
+        params = _m_step(torch.bmm(resp, design), sum_x2, cov_type, reg_covar)
+        hist_active.append(active)
+        hist_params.append(params)
+        hist_bound.append(new_bound)
+        # Stopping rule per row (a NaN bound also stops; its variances then fail the
+        # check below, where scikit-learn raises too).
         active = active & ((new_bound - bound).abs() >= tol)
-        bound = torch.where(history[-1], new_bound, bound)
+        bound = new_bound
         left = int(active.count_nonzero())
-        if left == 0 or 2 * left <= n_active:
-            # Write the batch out, keep the running rows (every op then costs less).
-            out_params[ids], out_bound[ids], out_active[ids] = params, bound, active
-            out_iter[ids] += torch.stack(history).sum(0)
+        if left == 0 or 2 * left <= active.shape[0]:
+            _write_out(ids, active, hist_active, hist_params, hist_bound, out_params, out_bound,
+                       out_iter, out_active)  # fmt: skip
+            hist_active, hist_params, hist_bound = [], [], []
             if left == 0:
                 break
             keep = active.nonzero().squeeze(1)
@@ -255,11 +257,9 @@ def _fit(x, mask, cov_type, means_init, weights_init, precisions_init, tol, reg_
             design = design[keep]
             count, sum_x2, active = count[keep], sum_x2[keep], active[keep]
             maskf, xs, x2s = planes.split(1, dim=1)
-            history, n_active = [], left
-    else:
-        if history:  # max_iter reached with rows still running
-            out_params[ids], out_bound[ids], out_active[ids] = params, bound, active
-            out_iter[ids] += torch.stack(history).sum(0)
+    if hist_active:  # max_iter reached with rows still running
+        _write_out(ids, active, hist_active, hist_params, hist_bound, out_params, out_bound,
+                   out_iter, out_active)  # fmt: skip
     out_params = out_params.view(num, 6, 2)
     variances = out_params[:, 2]
     if not bool((variances > 0).all()):
@@ -277,6 +277,17 @@ def _fit(x, mask, cov_type, means_init, weights_init, precisions_init, tol, reg_
         ~out_active,
         out_bound,
     )
+
+
+def _write_out(ids, active, hist_active, hist_params, hist_bound, out_params, out_bound,
+               out_iter, out_active):  # fmt: skip
+    """Store each batch row's parameters and bound of its stopping iteration at ``ids``."""
+    runs = torch.stack(hist_active).sum(0)  # iterations each row ran since the last write
+    last, rows = runs - 1, torch.arange(runs.shape[0], device=runs.device)
+    out_params[ids] = torch.stack(hist_params)[last, rows]
+    out_bound[ids] = torch.stack(hist_bound)[last, rows]
+    out_active[ids] = active
+    out_iter[ids] += runs
 
 
 def gmm_log_prob(gmm: GMM1D, x: Tensor) -> Tensor:
