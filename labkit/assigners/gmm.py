@@ -111,13 +111,10 @@ def _component_log_probs(x: Tensor, x_sq: Tensor, coef: tuple[Tensor, ...]) -> l
     ]
 
 
-def _m_step(stats: Tensor, sum_x2: Tensor, cov_type: str, reg_covar: float) -> Tensor:
-    """Packed parameters ``[k, 6, 2, 1]`` from ``stats[k, c, j] = sum_i resp_ic x_i^j``.
+def _m_step(stats: Tensor, sum_x2: Tensor, cov_type: str, reg_covar: float):
+    """Weights, means, variances (each ``[k, 2, 1]``) from ``stats[k, c, j] = sum_i resp_ic x_i^j``.
 
-    ``stats: Tensor[k, 2, 3]``. The six packed planes are weight, mean, variance and the
-    E-step's coefficients ``c0, c1, c2`` (see :func:`_coefficients`), each ``[k, 2, 1]``:
-    one ``unbind`` reads them, one ``stack`` writes them and one ``torch.where`` freezes a
-    finished mixture.
+    ``stats: Tensor[k, 2, 3]``; ``sum_x2: Tensor[k, 1, 1]`` (``tied`` only).
     """
     s0, s1, s2 = stats.split(1, dim=2)  # [k, 2, 1] each
     nk = s0 + 10 * _EPS64
@@ -130,13 +127,7 @@ def _m_step(stats: Tensor, sum_x2: Tensor, cov_type: str, reg_covar: float) -> T
     else:
         # full, diag and spherical coincide in one dimension.
         variances = torch.addcmul(s2 / nk, means, means, value=-1) + reg_covar
-    weights = nk / nk.sum(1, keepdim=True)
-    return _pack(weights, means, variances)
-
-
-def _pack(weights: Tensor, means: Tensor, variances: Tensor) -> Tensor:
-    """``[k, 6, ...]``: weights, means, variances (each ``[k, 2, ...]``) and their coefficients."""
-    return torch.stack([weights, means, variances, *_coefficients(weights, means, variances)], 1)
+    return nk / nk.sum(1, keepdim=True), means, variances
 
 
 def fit_gmm_1d(
@@ -211,35 +202,38 @@ def _fit(x, mask, cov_type, means_init, weights_init, precisions_init, tol, reg_
         else weights_init.to(device, f64).reshape(num, 2)
     )
     variances = 1.0 / torch.as_tensor(precisions_init, dtype=f64, device=device).expand(num, 2)
-    params = _pack(
+    coef = _coefficients(
         weights.view(num, 2, 1),
         means_init.to(device, f64).reshape(num, 2, 1),
         variances.reshape(num, 2, 1),
-    )  # [K, 6, 2, 1]
+    )  # (c0, c1, c2), each [K, 2, 1]
     bound = torch.full((num,), -math.inf, dtype=f64, device=device)
     active = torch.ones(num, dtype=torch.bool, device=device)
-    # No per-iteration freezing: every row keeps iterating, and each iteration's parameters,
-    # bound and activity are only kept in lists (no op). When at most half of the batch
-    # is still running (or none is), each row's values at its own stopping iteration are
-    # gathered into the outputs and the batch shrinks to the running rows.
-    out_params = torch.empty_like(params)
+    # No per-iteration freezing or packing: every row keeps iterating on the coefficients
+    # alone, and each iteration's M-step sums, bound and activity are only kept in lists
+    # (no op). When at most half of the batch is still running (or none is), each row's
+    # sums and bound at its own stopping iteration are gathered, its parameters computed
+    # from them (the same arithmetic as in the loop) and the batch shrinks.
+    out_params = torch.empty((num, 3, 2, 1), dtype=f64, device=device)
     out_bound = torch.empty_like(bound)
     out_iter = torch.zeros(num, dtype=torch.long, device=device)
     out_active = torch.empty_like(active)
+    outputs = (out_params, out_bound, out_iter, out_active)
     ids = torch.arange(num, device=device)
-    hist_active, hist_params, hist_bound = [], [], []
+    hist_active, hist_stats, hist_bound = [], [], []
     maskf, xs, x2s = planes.split(1, dim=1)  # [k, 1, M]
     for _ in range(max_iter):
         # E-step: log(w_c) + log N(x | c) = c0 + c1 x + c2 x^2 for both components at once.
-        c0, c1, c2 = params[:, 3:].unbind(1)  # [k, 2, 1] each
+        c0, c1, c2 = coef
         log_prob = torch.addcmul(torch.addcmul(c0, c1, xs), c2, x2s)  # [k, 2, M]
         log_norm = torch.logaddexp(*log_prob.split(1, dim=1))  # [k, 1, M]
         new_bound = (log_norm * maskf).sum((1, 2)) / count
         resp = torch.exp(log_prob - log_norm)
         # M-step: stats[k, c, j] = sum_i resp_ic x_i^j; padding rows are zero.
-        params = _m_step(torch.bmm(resp, design), sum_x2, cov_type, reg_covar)
+        stats = torch.bmm(resp, design)
+        coef = _coefficients(*_m_step(stats, sum_x2, cov_type, reg_covar))
         hist_active.append(active)
-        hist_params.append(params)
+        hist_stats.append(stats)
         hist_bound.append(new_bound)
         # Stopping rule per row (a NaN bound also stops; its variances then fail the
         # check below, where scikit-learn raises too).
@@ -247,20 +241,20 @@ def _fit(x, mask, cov_type, means_init, weights_init, precisions_init, tol, reg_
         bound = new_bound
         left = int(active.count_nonzero())
         if left == 0 or 2 * left <= active.shape[0]:
-            _write_out(ids, active, hist_active, hist_params, hist_bound, out_params, out_bound,
-                       out_iter, out_active)  # fmt: skip
-            hist_active, hist_params, hist_bound = [], [], []
+            hist = (hist_active, hist_stats, hist_bound)
+            _write_out(ids, active, hist, sum_x2, cov_type, reg_covar, outputs)
+            hist_active, hist_stats, hist_bound = [], [], []
             if left == 0:
                 break
             keep = active.nonzero().squeeze(1)
-            ids, params, bound, planes = ids[keep], params[keep], bound[keep], planes[keep]
-            design = design[keep]
+            ids, bound, planes, design = ids[keep], bound[keep], planes[keep], design[keep]
+            coef = tuple(c[keep] for c in coef)
             count, sum_x2, active = count[keep], sum_x2[keep], active[keep]
             maskf, xs, x2s = planes.split(1, dim=1)
     if hist_active:  # max_iter reached with rows still running
-        _write_out(ids, active, hist_active, hist_params, hist_bound, out_params, out_bound,
-                   out_iter, out_active)  # fmt: skip
-    out_params = out_params.view(num, 6, 2)
+        hist = (hist_active, hist_stats, hist_bound)
+        _write_out(ids, active, hist, sum_x2, cov_type, reg_covar, outputs)
+    out_params = out_params.view(num, 3, 2)
     variances = out_params[:, 2]
     if not bool((variances > 0).all()):
         raise ValueError(
@@ -279,12 +273,14 @@ def _fit(x, mask, cov_type, means_init, weights_init, precisions_init, tol, reg_
     )
 
 
-def _write_out(ids, active, hist_active, hist_params, hist_bound, out_params, out_bound,
-               out_iter, out_active):  # fmt: skip
+def _write_out(ids, active, hist, sum_x2, cov_type, reg_covar, outputs):
     """Store each batch row's parameters and bound of its stopping iteration at ``ids``."""
+    hist_active, hist_stats, hist_bound = hist
+    out_params, out_bound, out_iter, out_active = outputs
     runs = torch.stack(hist_active).sum(0)  # iterations each row ran since the last write
     last, rows = runs - 1, torch.arange(runs.shape[0], device=runs.device)
-    out_params[ids] = torch.stack(hist_params)[last, rows]
+    stats = torch.stack(hist_stats)[last, rows]
+    out_params[ids] = torch.stack(_m_step(stats, sum_x2, cov_type, reg_covar), 1)
     out_bound[ids] = torch.stack(hist_bound)[last, rows]
     out_active[ids] = active
     out_iter[ids] += runs
