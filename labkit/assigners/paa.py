@@ -129,7 +129,13 @@ def _sort_key(group: Tensor, losses: Tensor) -> Tensor:
 
 
 def _select_candidates(
-    pos_losses: Tensor, pos_gt_inds: Tensor, levels: Tensor, num_gt: int, num_levels: int, topk: int
+    pos_losses: Tensor,
+    pos_inds: Tensor,
+    pos_gt_inds: Tensor,
+    levels: Tensor,
+    num_gt: int,
+    num_levels: int,
+    topk: int,
 ) -> tuple[Tensor, Tensor]:
     """Each GT's candidates, as positions into the positives, in a ``[K, L * topk]`` layout.
 
@@ -148,7 +154,7 @@ def _select_candidates(
     # included. Only they are sorted (~10% of the positives). Gathers use index_select,
     # several times faster than advanced indexing on CPU.
     num_buckets = 1 << (topk - 1).bit_length()
-    bucket = torch.arange(keys.numel(), device=keys.device).bitwise_and_(num_buckets - 1)
+    bucket = pos_inds & (num_buckets - 1)  # any dealing is exact; prior indices spread well
     minima = torch.full((num_groups * num_buckets,), _KEY_MAX, dtype=torch.long, device=keys.device)
     minima.scatter_reduce_(0, bucket.add_(group, alpha=num_buckets), keys, "amin")
     bound = minima.view(num_groups, num_buckets).sort(1).values[:, topk - 1]
@@ -196,10 +202,13 @@ def _select(pos_losses, pos_inds, pos_gt_inds, num_level_anchors, topk, covarian
     num_gt = int(pos_gt_inds.max()) + 1 if pos_gt_inds.numel() else 0
     num_levels = len(num_level_anchors)
     levels = _level_of(pos_inds, num_level_anchors)
-    cand, valid = _select_candidates(pos_losses, pos_gt_inds, levels, num_gt, num_levels, topk)
+    cand, valid = _select_candidates(
+        pos_losses, pos_inds, pos_gt_inds, levels, num_gt, num_levels, topk
+    )
     # The GMM sees each GT's candidates from all levels together, sorted by loss (a stable
     # row sort: padding, at +inf, goes last), trimmed to the widest GT.
-    losses = torch.where(valid, pos_losses[cand].double(), torch.inf)
+    losses = torch.where(valid, pos_losses.index_select(0, cand.view(-1)).view_as(cand), torch.inf)
+    losses = losses.double()
     losses, col = torch.sort(losses, dim=1, stable=True)
     num_cand = valid.sum(1)
     width = int(num_cand.max()) if num_gt else 0
@@ -207,7 +216,7 @@ def _select(pos_losses, pos_inds, pos_gt_inds, num_level_anchors, topk, covarian
     cand = cand.gather(1, col)
     mask = torch.arange(width, device=cand.device) < num_cand[:, None]
     losses = torch.where(mask, losses, 0.0)
-    cand_inds = torch.where(mask, pos_inds[cand], -1)
+    cand_inds = torch.where(mask, pos_inds.index_select(0, cand.view(-1)).view_as(cand), -1)
     fitted = num_cand >= 2
     rows = fitted.nonzero().squeeze(1)
     x, m = losses.index_select(0, rows), mask.index_select(0, rows)
