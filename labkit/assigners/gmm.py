@@ -228,11 +228,12 @@ def _fit(x, mask, cov_type, means_init, weights_init, precisions_init, tol, reg_
     # (no op). When at most half of the batch is still running (or none is), each row's
     # sums and bound at its own stopping iteration are gathered, its parameters computed
     # from them (the same arithmetic as in the loop) and the batch shrinks.
-    out_params = torch.empty((num, 3, 2, 1), dtype=f64, device=device)
+    out_stats = torch.empty((num, 2, 3), dtype=f64, device=device)
+    all_sum_x2 = sum_x2
     out_bound = torch.empty_like(bound)
     out_iter = torch.zeros(num, dtype=torch.long, device=device)
     out_active = torch.empty_like(active)
-    outputs = (out_params, out_bound, out_iter, out_active)
+    outputs = (out_stats, out_bound, out_iter, out_active)
     ids = torch.arange(num, device=device)
     hist_active, hist_stats, hist_bound = [], [], []
     maskf, xs, x2s = planes.split(1, dim=1)  # [k, 1, M]
@@ -256,7 +257,7 @@ def _fit(x, mask, cov_type, means_init, weights_init, precisions_init, tol, reg_
         left = int(active.count_nonzero())
         if left == 0 or 2 * left <= active.shape[0]:
             hist = (hist_active, hist_stats, hist_bound)
-            _write_out(ids, active, hist, sum_x2, cov_type, reg_covar, outputs)
+            _write_out(ids, active, hist, outputs)
             hist_active, hist_stats, hist_bound = [], [], []
             if left == 0:
                 break
@@ -267,9 +268,10 @@ def _fit(x, mask, cov_type, means_init, weights_init, precisions_init, tol, reg_
             maskf, xs, x2s = planes.split(1, dim=1)
     if hist_active:  # max_iter reached with rows still running
         hist = (hist_active, hist_stats, hist_bound)
-        _write_out(ids, active, hist, sum_x2, cov_type, reg_covar, outputs)
-    out_params = out_params.view(num, 3, 2)
-    variances = out_params[:, 2]
+        _write_out(ids, active, hist, outputs)
+    weights, means, variances = (
+        t.reshape(num, 2) for t in _m_step(out_stats, all_sum_x2, cov_type, reg_covar)
+    )
     if not bool((variances > 0).all()):
         raise ValueError(
             "x: a mixture has a non-positive variance (collapsed samples); "
@@ -277,8 +279,8 @@ def _fit(x, mask, cov_type, means_init, weights_init, precisions_init, tol, reg_
         )
     return GMM1D(
         cov_type,
-        out_params[:, 0],
-        out_params[:, 1],
+        weights,
+        means,
         variances,
         1.0 / torch.sqrt(variances),
         out_iter,
@@ -287,17 +289,16 @@ def _fit(x, mask, cov_type, means_init, weights_init, precisions_init, tol, reg_
     )
 
 
-def _write_out(ids, active, hist, sum_x2, cov_type, reg_covar, outputs):
-    """Store each batch row's parameters and bound of its stopping iteration at ``ids``."""
+def _write_out(ids, active, hist, outputs):
+    """Store each batch row's M-step sums and bound of its stopping iteration at ``ids``."""
     hist_active, hist_stats, hist_bound = hist
-    out_params, out_bound, out_iter, out_active = outputs
+    out_stats, out_bound, out_iter, out_active = outputs
     runs = torch.stack(hist_active).sum(0)  # iterations each row ran since the last write
     last, rows = runs - 1, torch.arange(runs.shape[0], device=runs.device)
-    stats = torch.stack(hist_stats)[last, rows]
-    out_params[ids] = torch.stack(_m_step(stats, sum_x2, cov_type, reg_covar), 1)
+    out_stats[ids] = torch.stack(hist_stats)[last, rows]
     out_bound[ids] = torch.stack(hist_bound)[last, rows]
     out_active[ids] = active
-    out_iter[ids] += runs
+    out_iter.index_add_(0, ids, runs)
 
 
 def gmm_log_prob(gmm: GMM1D, x: Tensor) -> Tensor:
