@@ -27,11 +27,13 @@ ops as possible (~33 per iteration for all mixtures together):
   iteration); both components' log-likelihoods are two ``addcmul``;
 - nothing is frozen per iteration: every mixture keeps iterating while the M-step sums,
   bounds and "still running" masks are appended to Python lists (free); when at most half
-  of the batch is still running, each mixture's sums and bound at its own stopping
-  iteration are gathered, its parameters computed from them with the loop's own
-  arithmetic, and the batch shrinks to the running mixtures (so most iterations run on a
-  few rows); one ``.item()``-like sync per iteration (the count still running);
-- the loop runs under ``torch.inference_mode()`` (no autograd bookkeeping per op).
+  of the batch is still running, each stopped mixture's sums and bound at its own
+  stopping iteration are gathered and the batch shrinks to the running mixtures (so most
+  iterations run on a few rows); the parameters are computed once at the end from the
+  gathered sums, with the loop's own arithmetic; one sync per iteration (the count still
+  running);
+- the loop runs under ``torch.inference_mode()`` (no autograd bookkeeping per op) and
+  works in place on its own fresh temporaries (the same arithmetic, fewer allocations).
 
 In one dimension the four covariance types reduce to: ``full``, ``diag`` and ``spherical``
 -- one variance per component (scikit-learn computes them in slightly different orders, labkit

@@ -362,8 +362,8 @@ def paa_reassign(
     # Every first-stage positive becomes background, then the kept ones get their values
     # back: two index_fill over the positives and small copies, no mask over all priors.
     labels = labels.index_fill(0, pos_inds, num_classes)
-    labels[kept] = labels_in[kept]
+    labels.index_copy_(0, kept, labels_in.index_select(0, kept))
     bbox_weights = bbox_weights.index_fill(0, pos_inds, 0)
-    bbox_weights[kept] = bbox_weights_in[kept]
+    bbox_weights.index_copy_(0, kept, bbox_weights_in.index_select(0, kept))
     # gmm_separation_scheme ignores nothing: label_weights is returned as it is (not a copy).
     return labels, label_weights, bbox_weights, int(kept.numel())
