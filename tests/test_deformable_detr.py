@@ -322,7 +322,7 @@ def test_overfit_two_images():
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
         opt.step()
-    assert float(total) < 0.25 * first
+    assert float(total.detach()) < 0.25 * first
     model.eval()
     det = model.predict(batch, rescale=False)[0]
     from labkit.boxes import bbox_overlaps
