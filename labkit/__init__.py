@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "device", "show_source"]
+__all__ = ["__version__", "device", "show_source", "to_device"]
 
 
 def device(preference: str | torch.device | None = None) -> torch.device:
@@ -33,6 +34,18 @@ def device(preference: str | torch.device | None = None) -> torch.device:
     if chosen.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: {preference!r} was asked for but CUDA is not available here")
     return chosen
+
+
+def to_device(obj: Any, device: torch.device | str) -> Any:
+    """Move every tensor in ``obj`` (nested dicts, lists and tuples, e.g. a collated batch) to
+    ``device``; everything else (image metas, numbers, strings) is returned as it is."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {key: to_device(value, device) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(value, device) for value in obj)
+    return obj
 
 
 def __getattr__(name: str):

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
+from labkit import to_device
+
 __all__ = ["coco_evaluate", "evaluate", "format_table", "results_to_coco"]
 
 # Positions of pycocotools' COCOeval.stats, with mmdetection's maxDets = (100, 300, 1000):
@@ -190,17 +192,6 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    def move(v: Any) -> Any:
-        if isinstance(v, torch.Tensor):
-            return v.to(device, non_blocking=True)
-        if isinstance(v, list):
-            return [move(x) for x in v]
-        return v
-
-    return {k: move(v) for k, v in batch.items()}
-
-
 def evaluate(
     model: torch.nn.Module,
     loader: Iterable[dict],
@@ -231,7 +222,7 @@ def evaluate(
     try:
         with torch.no_grad():
             for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
-                preds = model.predict(_to_device(batch, device), rescale=True)
+                preds = model.predict(to_device(batch, device), rescale=True)
                 for meta, pred in zip(batch["img_metas"], preds, strict=True):
                     results.append(
                         {

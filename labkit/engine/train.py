@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 import labkit
+from labkit import to_device
 from labkit.engine import distributed as dist_utils
 from labkit.engine.checkpoint import copy_checkpoint, load_checkpoint, save_checkpoint
 from labkit.engine.logging import JsonlLogger
@@ -268,16 +269,6 @@ class _LossForward(nn.Module):
 
     def forward(self, batch: dict) -> dict:
         return self.model.loss(batch)
-
-
-def _to_device(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.to(device, non_blocking=True)
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_device(v, device) for v in obj)
-    return obj
 
 
 # ----------------------------------------------------------------------------- RNG state
@@ -560,7 +551,7 @@ def train(
                 data_time = 0.0
                 for micro in range(n_micro):
                     t_data = time.perf_counter()
-                    batch = _to_device(next(data_iter), device)
+                    batch = to_device(next(data_iter), device)
                     data_time += time.perf_counter() - t_data
                     # Only the last micro-batch all-reduces gradients under DDP.
                     sync = ddp is None or micro == n_micro - 1

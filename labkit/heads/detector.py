@@ -24,21 +24,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from labkit import to_device
 from labkit.heads.dense_head import check_gt_instances
 
 # Defaults of the small CPU configuration (backbone="tiny"); ResNets use mmdetection's 256 / 4.
 TINY_CHANNELS = 64
 TINY_STACKED_CONVS = 2
-
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    moved = dict(batch)
-    for key, value in batch.items():
-        if isinstance(value, Tensor):
-            moved[key] = value.to(device)
-        elif key.startswith("gt_") and isinstance(value, (list, tuple)):
-            moved[key] = [v.to(device) if isinstance(v, Tensor) else v for v in value]
-    return moved
 
 
 def _check_batch(batch: object, with_gt: bool) -> None:
@@ -101,6 +92,11 @@ class SingleStageDetector(nn.Module):
         Raises ``ValueError`` / ``TypeError`` naming the argument for malformed ground truth
         (wrong shape, NaN/inf, x2 < x1, labels out of range); images without boxes are fine.
         """
+        batch = self._training_batch(batch)
+        return self.head.loss(self.extract_feat(batch["img"]), batch)
+
+    def _training_batch(self, batch: dict) -> dict:
+        """Validate a collated batch with ground truth and move it to the model's device."""
         _check_batch(batch, with_gt=True)
         check_gt_instances(
             batch["gt_bboxes"],
@@ -109,8 +105,7 @@ class SingleStageDetector(nn.Module):
             batch.get("gt_bboxes_ignore"),
             batch["img_metas"],
         )
-        batch = _to_device(batch, self._device())
-        return self.head.loss(self.extract_feat(batch["img"]), batch)
+        return to_device(batch, self._device())
 
     @torch.no_grad()
     def predict(self, batch: dict, rescale: bool = True) -> list[dict[str, Tensor]]:
@@ -120,7 +115,7 @@ class SingleStageDetector(nn.Module):
         otherwise in the resized image's. Call ``model.eval()`` first (BatchNorm).
         """
         _check_batch(batch, with_gt=False)
-        batch = _to_device(batch, self._device())
+        batch = to_device(batch, self._device())
         feats = self.extract_feat(batch["img"])
         return self.head.predict(feats, batch["img_metas"], rescale=rescale)
 

@@ -18,13 +18,12 @@ a max-pooled P6, anchors 8 x stride on strides 4-64, RoIAlign 7x7 on P2-P5, 2 FC
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from labkit.anchors import AnchorGenerator
 from labkit.boxes import DeltaXYWHBBoxCoder
 from labkit.heads.aux_positives import AuxPositives
-from labkit.heads.detector import _check_batch, _to_device
+from labkit.heads.detector import SingleStageDetector
 from labkit.heads.roi_extractor import RoIExtractor
 from labkit.heads.roi_head import Shared2FCBBoxHead, StandardRoIHead
 from labkit.heads.rpn import RPNHead, rpn_anchor_generator
@@ -73,56 +72,25 @@ class FasterRCNNHead(nn.Module):
         )
 
 
-class TwoStageDetector(nn.Module):
+class TwoStageDetector(SingleStageDetector):
     """Backbone -> neck -> ``FasterRCNNHead``, with labkit's detector interface.
+
+    Everything but the losses is the one-stage detector's: ``extract_feat``, ``predict`` (the
+    head proposes, then classifies), input checks and device handling.
 
     Args:
         backbone: ``Tensor[B, 3, H, W]`` -> tuple of maps. neck: e.g. ``labkit.nn.FPN`` or ``None``.
         head: a ``FasterRCNNHead``.
     """
 
-    def __init__(self, backbone: nn.Module, neck: nn.Module | None, head: FasterRCNNHead) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.neck = neck
-        self.head = head
-        self.recipe: tuple[str, dict] | None = None
-
-    @property
-    def num_classes(self) -> int:
-        """Foreground classes of the RoI head."""
-        return self.head.num_classes
-
-    def extract_feat(self, img: Tensor) -> list[Tensor]:
-        """Pyramid features of ``img: Tensor[B, 3, H, W]``: list of ``Tensor[B, C, H_l, W_l]``."""
-        feats = self.backbone(img)
-        if self.neck is not None:
-            feats = self.neck(feats)
-        return list(feats)
-
     def loss(self, batch: dict) -> dict[str, Tensor]:
         """Training losses of a collated batch: RPN and RoI losses plus the logged ``acc``."""
-        _check_batch(batch, with_gt=True)
-        batch = _to_device(batch, next(self.parameters()).device)
-        losses, _ = self.head.loss(self.extract_feat(batch["img"]), batch)
-        return losses
+        return self.loss_and_positives(batch)[0]
 
     def loss_and_positives(self, batch: dict) -> tuple[dict[str, Tensor], AuxPositives]:
         """``loss(batch)`` plus the RoI head's positives (what Co-DETR would receive)."""
-        _check_batch(batch, with_gt=True)
-        batch = _to_device(batch, next(self.parameters()).device)
+        batch = self._training_batch(batch)
         return self.head.loss(self.extract_feat(batch["img"]), batch)
-
-    @torch.no_grad()
-    def predict(self, batch: dict, rescale: bool = True) -> list[dict[str, Tensor]]:
-        """Detections per image: ``{"boxes": Tensor[K, 4], "scores": Tensor[K], "labels": LongTensor[K]}``.
-
-        Boxes are in original-image pixels when ``rescale``. Call ``model.eval()`` first.
-        """
-        _check_batch(batch, with_gt=False)
-        batch = _to_device(batch, next(self.parameters()).device)
-        feats = self.extract_feat(batch["img"])
-        return self.head.predict(feats, batch["img_metas"], rescale=rescale)
 
 
 def faster_rcnn_head(
