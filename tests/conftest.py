@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import socket
 
 # Before torch is imported. Notebook kernels (papermill, nbval) inherit this too: 2 threads is
 # what CI has and what notebook baselines were recorded with, so float sums reduce alike.
@@ -117,3 +118,11 @@ def labkit_kernel() -> str:
     from labkit.run_notebooks import ensure_kernel
 
     return ensure_kernel("labkit")
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on, for a test's torch.distributed rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import matplotlib.pyplot as plt
 import pytest
@@ -124,15 +123,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist_utils.cleanup()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_two_process_ddp_keeps_ranks_in_sync(tmp_path):
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="fork")
+def test_two_process_ddp_keeps_ranks_in_sync(tmp_path, free_port):
+    mp.start_processes(_worker, args=(free_port, str(tmp_path)), nprocs=2, start_method="fork")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for key, value in ranks[0]["params"].items():
         assert torch.equal(value, ranks[1]["params"][key]), key

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 
 import pytest
 import torch
@@ -97,18 +96,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist_utils.cleanup()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_two_process_ddp_matches_single_process(tmp_path):
+def test_two_process_ddp_matches_single_process(tmp_path, free_port):
     # fork: the children inherit the imported torch/labkit instead of importing them again
     # (seconds on a busy CI machine); nothing has touched CUDA in this process.
     mp.start_processes(
-        _worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, start_method="fork"
+        _worker, args=(free_port, str(tmp_path)), nprocs=WORLD_SIZE, start_method="fork"
     )
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
     for key, value in ranks[0]["params"].items():
