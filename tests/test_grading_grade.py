@@ -135,6 +135,49 @@ def test_score_passed_partial_error_timeout_and_not_run():
     assert [g.points for g in score_notebook(None, toy_notebook())] == [0, 0]
 
 
+class _FlakyPapermill:
+    """Stands in for papermill.execute_notebook: fails with the given errors, then succeeds."""
+
+    def __init__(self, errors):
+        self.errors, self.calls = list(errors), 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+
+
+def run_worker(monkeypatch, tmp_path, errors):
+    import papermill
+
+    from labkit.grading import execute
+
+    fake = _FlakyPapermill(errors)
+    monkeypatch.setattr(papermill, "execute_notebook", fake)
+    result = execute.execute("in.ipynb", "out.ipynb", str(tmp_path), 5.0, "labkit", {})
+    return result, fake.calls
+
+
+def test_worker_starts_the_kernel_again_when_it_died_during_startup(monkeypatch, tmp_path):
+    startup = RuntimeError("Kernel died before replying to kernel_info")
+    slow = RuntimeError("Kernel didn't respond in 60 seconds")
+    assert run_worker(monkeypatch, tmp_path, [startup, slow]) == (None, 3)
+
+
+def test_worker_gives_up_after_three_failed_starts(monkeypatch, tmp_path):
+    errors = [RuntimeError("Kernel died before replying to kernel_info")] * 4
+    result, calls = run_worker(monkeypatch, tmp_path, errors)
+    assert calls == 3
+    assert result == "RuntimeError: Kernel died before replying to kernel_info"
+
+
+def test_worker_does_not_rerun_a_kernel_that_died_while_running_cells(monkeypatch, tmp_path):
+    from nbclient.exceptions import DeadKernelError
+
+    result, calls = run_worker(monkeypatch, tmp_path, [DeadKernelError("Kernel died")])
+    assert (result, calls) == ("DeadKernelError: Kernel died", 1)
+
+
 # ---------------------------------------------------------------------------------------
 # end to end: real kernels
 # ---------------------------------------------------------------------------------------
