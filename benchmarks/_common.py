@@ -36,6 +36,31 @@ def time_call(
     return times[len(times) // 2]
 
 
+def time_side_by_side(
+    fns: Sequence[Callable[[], object]],
+    calls_per_round: Sequence[int],
+    *,
+    rounds: int = 5,
+    device: torch.device | str = "cpu",
+) -> list[float]:
+    """Median wall time (s) of each ``fns[i]()``, timed in interleaved rounds.
+
+    Each round times ``calls_per_round[i]`` calls of every function in turn, so that a slow
+    spell of a shared machine hits all of them alike and their ratio stays fair. One
+    untimed round first warms caches and allocators.
+    """
+    times: list[list[float]] = [[] for _ in fns]
+    for round_index in range(rounds + 1):
+        for fn, calls, out in zip(fns, calls_per_round, times, strict=True):
+            for _ in range(calls):
+                start = time.perf_counter()
+                fn()
+                sync(device)
+                if round_index:
+                    out.append(time.perf_counter() - start)
+    return [sorted(t)[len(t) // 2] for t in times]
+
+
 def peak_memory_mb(fn: Callable[[], object], device: torch.device | str) -> float | None:
     """Peak CUDA memory of one ``fn()`` call in MiB (``None`` on CPU, where torch does not track it)."""
     if torch.device(device).type != "cuda":

@@ -5,8 +5,9 @@ Run: ``.venv/bin/python -m benchmarks.bench_paa [--quick] [--device cuda]``
 The inputs are what PAAHead hands to ``paa_reassign`` on a COCO-sized image: RetinaNet
 anchors (9 per location, strides 8-128, ~182k on 800 x 1216), 50 random GTs, first-stage
 positives from PAA's MaxIoU (IoU >= 0.1) and per-positive losses that fall with IoU plus
-noise. The table gives the time per image of each backend (median of 25 calls for torch, 5
-for the reference), the speed-up and the share of priors whose final label agrees.
+noise. The table gives the time per image of each backend (medians over interleaved rounds
+of one reference call and ten torch calls), the speed-up and the share of priors whose final
+label agrees.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import warnings
 
 import torch
 
-from benchmarks._common import describe_device, print_table, time_call
+from benchmarks._common import describe_device, print_table, time_side_by_side
 from labkit.anchors import AnchorGenerator
 from labkit.assigners import MaxIoUAssigner
 from labkit.assigners.paa import paa_reassign
@@ -97,10 +98,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    # The torch side takes a few ms per call: many repeats make its median robust to the
-    # shared machine's hiccups; the reference (~150 ms) gets fewer.
-    shape, num_gts, repeat = ((512, 768), 20, 3) if args.quick else ((800, 1216), 50, 5)
-    torch_repeat = 5 * repeat
+    # Interleaved rounds (one reference call, then several torch calls) so that both sides
+    # see the same state of a shared machine; the torch side takes a few ms per call, the
+    # reference ~150 ms, hence more torch calls per round.
+    shape, num_gts, rounds = ((512, 768), 20, 3) if args.quick else ((800, 1216), 50, 7)
+    torch_calls = 10
     inputs = make_inputs(num_gts, shape, seed=0)
     on_device = {
         k: v.to(args.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()
@@ -114,16 +116,14 @@ def main() -> None:
     for cov in ("diag", "full", "spherical", "tied"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            t_torch = time_call(
-                lambda cov=cov: paa_reassign(**on_device, covariance_type=cov),
+            t_torch, t_sk = time_side_by_side(
+                [
+                    lambda cov=cov: paa_reassign(**on_device, covariance_type=cov),
+                    lambda cov=cov: paa_reassign(**inputs, covariance_type=cov, backend="sklearn"),
+                ],
+                [torch_calls, 1],
+                rounds=rounds,
                 device=args.device,
-                warmup=repeat,
-                repeat=torch_repeat,
-            )
-            t_sk = time_call(
-                lambda cov=cov: paa_reassign(**inputs, covariance_type=cov, backend="sklearn"),
-                warmup=1,
-                repeat=repeat,
             )
         agree, n_torch, n_sk = agreement(on_device, inputs, cov)
         rows.append(

@@ -20,20 +20,18 @@ input's device. It follows scikit-learn step by step so both give the same answe
 
 What makes it fast: PAA's tensors are tiny (~50 x 40), so each torch op costs its fixed
 overhead (~2 us on a CPU), not its arithmetic, and the EM loop is written to issue as few
-ops as possible (~33 per iteration for all mixtures together):
+ops as possible (~30 per iteration for all mixtures together):
 
-- the loop carries only the E-step's coefficients ``(c0, c1, c2)`` as ``[K, 2, 1]`` tensors
-  that broadcast against ``x`` as ``[K, 1, M]`` (no packing, slicing or views per
-  iteration); both components' log-likelihoods are two ``addcmul``;
-- nothing is frozen per iteration: every mixture keeps iterating while the M-step sums,
-  bounds and "still running" masks are appended to Python lists (free); when at most half
-  of the batch is still running, each stopped mixture's sums and bound at its own
-  stopping iteration are gathered and the batch shrinks to the running mixtures (so most
-  iterations run on a few rows); the parameters are computed once at the end from the
-  gathered sums, with the loop's own arithmetic; one sync per iteration (the count still
+- all state lives in buffers allocated once per batch (:class:`_Batch`), with the views an
+  iteration needs made once too; every op writes with ``out=`` or in place, so an iteration
+  is arithmetic only (no allocation, slicing or packing);
+- the E-step's two log-likelihoods and their log-sum share one ``[k, 3, M]`` buffer, so one
+  ``bmm`` with the design ``(1, x, x^2)`` gives the M-step's sums and the lower bound;
+- nothing is frozen per row: every mixture keeps iterating, and a ``where`` keeps the sums
+  of each row's last running iteration; while the batch is large and at most half of it is
+  still running, it shrinks to the running rows; one sync per iteration (the count still
   running);
-- the loop runs under ``torch.inference_mode()`` (no autograd bookkeeping per op) and
-  works in place on its own fresh temporaries (the same arithmetic, fewer allocations).
+- the loop runs under ``torch.inference_mode()`` (no autograd bookkeeping per op).
 
 In one dimension the four covariance types reduce to: ``full``, ``diag`` and ``spherical``
 -- one variance per component (scikit-learn computes them in slightly different orders, labkit
@@ -67,6 +65,10 @@ __all__ = [
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 _LOG_2PI = math.log(2 * math.pi)
 _EPS64 = float(np.finfo(np.float64).eps)
+# The batch shrinks to its running rows only while it is large: below this many work
+# elements an op costs its fixed overhead whatever the row count, and shrinking (~30 ops)
+# would cost more than it saves.
+_SHRINK_MIN = 2048
 
 
 @dataclass
@@ -200,15 +202,88 @@ def fit_gmm_1d(
     )
 
 
+class _Batch:
+    """The EM loop's state for the ``k`` mixtures still running: inputs and work buffers.
+
+    Every iteration writes into these buffers with ``out=`` and in-place ops, through views
+    made once here, so an iteration issues only arithmetic (no allocation, slicing or
+    packing). ``work`` holds both components' ``log w_c + log N(x | c)`` (rows 0-1, turned
+    into responsibilities in place) and their log-sum (row 2); one ``bmm`` with the design
+    ``[k, M, 3]`` gives ``stats[k, c, j] = sum_i resp_ic x_i^j`` for c = 0, 1 and, in row 2,
+    the sum of the log-likelihoods (the lower bound times the sample count).
+    """
+
+    def __init__(self, ids, design, count, sum_x2, coef, bound, active, saved, n_iter):
+        k, m = design.shape[0], design.shape[1]
+        self.ids, self.design, self.count, self.sum_x2 = ids, design, count, sum_x2
+        _, self.xs, self.x2s = design.transpose(1, 2).contiguous().split(1, dim=1)  # [k, 1, M]
+        self.c0, self.c1, self.c2 = (c.contiguous() for c in coef)  # [k, 2, 1] each
+        self.bound, self.new_bound, self.delta = (
+            bound,
+            torch.empty_like(bound),
+            torch.empty_like(bound),
+        )
+        self.active, self.still = active, torch.empty_like(active)
+        self.saved, self.n_iter = saved, n_iter  # stats at each row's last iteration, count
+        self.work = design.new_empty((k, 3, m))
+        self.log_prob, self.log_norm = self.work[:, :2], self.work[:, 2:]
+        self.lp0, self.lp1 = self.work[:, 0:1], self.work[:, 1:2]
+        self.stats = design.new_empty((k, 3, 3))
+        self.s0, self.s1, self.s2 = (self.stats[:, :2, j : j + 1] for j in range(3))
+        self.bound_sum = self.stats[:, 2, 0]
+        self.nk, self.means, self.variances, self.weights = (
+            design.new_empty((k, 2, 1)) for _ in range(4)
+        )
+        self.active3 = active.view(k, 1, 1)
+
+    def select(self, keep: Tensor) -> _Batch:
+        """The same state restricted to rows ``keep`` (new buffers)."""
+        return _Batch(
+            self.ids[keep], self.design[keep], self.count[keep], self.sum_x2[keep],
+            (self.c0[keep], self.c1[keep], self.c2[keep]), self.bound[keep], self.active[keep],
+            self.saved[keep], self.n_iter[keep],
+        )  # fmt: skip
+
+
+def _em_iteration(b: _Batch, cov_type: str, reg_covar: float, tol: float) -> None:
+    """One EM iteration of every row of ``b``; rows still active record their stats."""
+    # E-step: log(w_c) + log N(x | c) = c0 + c1 x + c2 x^2, both components at once.
+    torch.addcmul(b.c0, b.c1, b.xs, out=b.log_prob).addcmul_(b.c2, b.x2s)
+    torch.logaddexp(b.lp0, b.lp1, out=b.log_norm)
+    b.log_prob.sub_(b.log_norm).exp_()  # responsibilities
+    torch.bmm(b.work, b.design, out=b.stats)  # padding rows of the design are zero
+    # M-step (the arithmetic of _m_step, into the buffers).
+    torch.add(b.s0, 10 * _EPS64, out=b.nk)
+    torch.div(b.s1, b.nk, out=b.means)
+    if cov_type == "tied":
+        b.variances.copy_(_m_step(b.stats[:, :2], b.sum_x2, cov_type, reg_covar)[2])
+    else:
+        torch.div(b.s2, b.nk, out=b.variances).addcmul_(b.means, b.means, value=-1)
+        b.variances.add_(reg_covar)
+    torch.div(b.nk, b.nk.sum(1, keepdim=True), out=b.weights)
+    # E-step coefficients of the next iteration (the arithmetic of _coefficients).
+    prec = torch.reciprocal(b.variances, out=b.c2)
+    torch.mul(b.means, prec, out=b.c1)
+    torch.mul(b.weights, b.weights, out=b.c0).mul_(prec).log_()
+    b.c0.addcmul_(b.means, b.c1, value=-1).sub_(_LOG_2PI).mul_(0.5)
+    prec.mul_(-0.5)
+    # Rows running this iteration keep its stats; then scikit-learn's stopping rule (a NaN
+    # bound also stops; its variances then fail the final check, where scikit-learn raises).
+    torch.where(b.active3, b.stats, b.saved, out=b.saved)
+    b.n_iter.add_(b.active)
+    torch.div(b.bound_sum, b.count, out=b.new_bound)
+    torch.sub(b.new_bound, b.bound, out=b.delta).abs_()
+    b.active.logical_and_(torch.ge(b.delta, tol, out=b.still))
+    b.bound, b.new_bound = b.new_bound, b.bound
+
+
 def _fit(x, mask, cov_type, means_init, weights_init, precisions_init, tol, reg_covar, max_iter):
     num, device, f64 = x.shape[0], x.device, torch.float64
-    # Per-sample rows (1, x, x^2), zero on padding: [K, M, 3] for the M-step's sums (one
-    # bmm with the responsibilities [K, 2, M]) and planes [K, 3, M] for the E-step.
+    # Per-sample rows (1, x, x^2), zero on padding: [K, M, 3], the M-step's operand.
     # Parameters are [K, 2, 1] so that they broadcast against [K, 1, M] without views.
     design = _design(x, mask)
-    planes = design.transpose(1, 2).contiguous()
-    count = planes[:, 0].sum(1)
-    sum_x2 = planes[:, 2].sum(1)[:, None, None]
+    count = design[:, :, 0].sum(1)
+    sum_x2 = design[:, :, 2].sum(1)[:, None, None]
     if means_init is None:
         lo = torch.where(mask, x, math.inf).amin(1)
         hi = torch.where(mask, x, -math.inf).amax(1)
@@ -224,57 +299,36 @@ def _fit(x, mask, cov_type, means_init, weights_init, precisions_init, tol, reg_
         means_init.to(device, f64).reshape(num, 2, 1),
         variances.reshape(num, 2, 1),
     )  # (c0, c1, c2), each [K, 2, 1]
-    bound = torch.full((num,), -math.inf, dtype=f64, device=device)
-    active = torch.ones(num, dtype=torch.bool, device=device)
-    # No per-iteration freezing or packing: every row keeps iterating on the coefficients
-    # alone, and each iteration's M-step sums, bound and activity are only kept in lists
-    # (no op). When at most half of the batch is still running (or none is), each row's
-    # sums and bound at its own stopping iteration are gathered, its parameters computed
-    # from them (the same arithmetic as in the loop) and the batch shrinks.
-    out_stats = torch.empty((num, 2, 3), dtype=f64, device=device)
-    all_sum_x2 = sum_x2
-    out_bound = torch.empty_like(bound)
-    out_iter = torch.zeros(num, dtype=torch.long, device=device)
-    out_active = torch.empty_like(active)
-    outputs = (out_stats, out_bound, out_iter, out_active)
-    ids = torch.arange(num, device=device)
-    hist_active, hist_stats, hist_bound = [], [], []
-    maskf, xs, x2s = planes.split(1, dim=1)  # [k, 1, M]
+    batch = _Batch(
+        torch.arange(num, device=device), design, count, sum_x2, coef,
+        torch.full((num,), -math.inf, dtype=f64, device=device),
+        torch.ones(num, dtype=torch.bool, device=device),
+        torch.zeros((num, 3, 3), dtype=f64, device=device),
+        torch.zeros(num, dtype=torch.long, device=device),
+    )  # fmt: skip
+    # Every row keeps iterating (a stopped row's buffers change, its saved stats do not):
+    # no per-row freezing. When at most half of a large batch is still running, the stopped
+    # rows' results are written out and the batch shrinks to the running ones, so that the
+    # long tail of iterations runs on a few rows. One sync per iteration (the count still
+    # running).
+    out_saved = torch.empty((num, 3, 3), dtype=f64, device=device)
+    out_iter = torch.empty(num, dtype=torch.long, device=device)
+    out_active = torch.empty(num, dtype=torch.bool, device=device)
     for _ in range(max_iter):
-        # E-step: log(w_c) + log N(x | c) = c0 + c1 x + c2 x^2 for both components at once.
-        c0, c1, c2 = coef
-        # (In-place steps on fresh temporaries: the same arithmetic, fewer allocations.)
-        log_prob = torch.addcmul(c0, c1, xs).addcmul_(c2, x2s)  # [k, 2, M]
-        log_norm = torch.logaddexp(*log_prob.split(1, dim=1))  # [k, 1, M]
-        resp = log_prob.sub_(log_norm).exp_()
-        new_bound = log_norm.mul_(maskf).sum((1, 2)).div_(count)
-        # M-step: stats[k, c, j] = sum_i resp_ic x_i^j; padding rows are zero.
-        stats = torch.bmm(resp, design)
-        coef = _coefficients(*_m_step(stats, sum_x2, cov_type, reg_covar))
-        hist_active.append(active)
-        hist_stats.append(stats)
-        hist_bound.append(new_bound)
-        # Stopping rule per row (a NaN bound also stops; its variances then fail the
-        # check below, where scikit-learn raises too).
-        active = active & torch.ge((new_bound - bound).abs_(), tol)
-        bound = new_bound
-        left = int(active.count_nonzero())
-        if left == 0 or 2 * left <= active.shape[0]:
-            hist = (hist_active, hist_stats, hist_bound)
-            _write_out(ids, active, hist, outputs)
-            hist_active, hist_stats, hist_bound = [], [], []
+        _em_iteration(batch, cov_type, reg_covar, tol)
+        left = int(batch.active.count_nonzero())
+        shrink = 2 * left <= batch.active.shape[0] and batch.work.numel() > _SHRINK_MIN
+        if left == 0 or shrink:
+            out_saved[batch.ids], out_iter[batch.ids] = batch.saved, batch.n_iter
+            out_active[batch.ids] = batch.active
             if left == 0:
                 break
-            keep = active.nonzero().squeeze(1)
-            ids, bound, planes, design = ids[keep], bound[keep], planes[keep], design[keep]
-            coef = tuple(c[keep] for c in coef)
-            count, sum_x2, active = count[keep], sum_x2[keep], active[keep]
-            maskf, xs, x2s = planes.split(1, dim=1)
-    if hist_active:  # max_iter reached with rows still running
-        hist = (hist_active, hist_stats, hist_bound)
-        _write_out(ids, active, hist, outputs)
+            batch = batch.select(batch.active.nonzero().squeeze(1))
+    else:  # max_iter reached with rows still running
+        out_saved[batch.ids], out_iter[batch.ids] = batch.saved, batch.n_iter
+        out_active[batch.ids] = batch.active
     weights, means, variances = (
-        t.reshape(num, 2) for t in _m_step(out_stats, all_sum_x2, cov_type, reg_covar)
+        t.reshape(num, 2) for t in _m_step(out_saved[:, :2], sum_x2, cov_type, reg_covar)
     )
     if not bool((variances > 0).all()):
         raise ValueError(
@@ -289,20 +343,8 @@ def _fit(x, mask, cov_type, means_init, weights_init, precisions_init, tol, reg_
         1.0 / torch.sqrt(variances),
         out_iter,
         ~out_active,
-        out_bound,
+        out_saved[:, 2, 0] / count,
     )
-
-
-def _write_out(ids, active, hist, outputs):
-    """Store each batch row's M-step sums and bound of its stopping iteration at ``ids``."""
-    hist_active, hist_stats, hist_bound = hist
-    out_stats, out_bound, out_iter, out_active = outputs
-    runs = torch.stack(hist_active).sum(0)  # iterations each row ran since the last write
-    last, rows = runs - 1, torch.arange(runs.shape[0], device=runs.device)
-    out_stats[ids] = torch.stack(hist_stats)[last, rows]
-    out_bound[ids] = torch.stack(hist_bound)[last, rows]
-    out_active[ids] = active
-    out_iter.index_add_(0, ids, runs)
 
 
 def gmm_log_prob(gmm: GMM1D, x: Tensor) -> Tensor:
