@@ -87,7 +87,7 @@ def test_no_positives_returns_the_inputs():
 
 def test_backends_agree_on_random_images():
     anchors = retinanet_anchors((256, 384))
-    total = equal = 0
+    total = equal = pos_total = pos_equal = same_count = 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # sklearn's ConvergenceWarning on rare GTs
         for seed in range(50):
@@ -97,7 +97,14 @@ def test_backends_agree_on_random_images():
             b, _, _, nb = paa_reassign(**inputs, covariance_type=cov, backend="sklearn")
             total += a.numel()
             equal += int((a == b).sum())
+            # The priors PAA decides on: the first-stage positives (the rest stay background).
+            pos = inputs["pos_inds"]
+            pos_total += pos.numel()
+            pos_equal += int((a[pos] == b[pos]).sum())
+            same_count += na == nb
     assert equal / total >= 0.995
+    assert pos_equal / pos_total >= 0.995
+    assert same_count >= 49
 
 
 def test_bad_arguments():
