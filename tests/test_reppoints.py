@@ -145,3 +145,53 @@ def test_head_forward_loss_predict_and_empty_gt():
     assert len(out) == 2 and set(out[0]) == {"boxes", "scores", "labels"}
     with pytest.raises(ValueError, match="num_points"):
         RepPointsHead(2, 8, num_points=4)
+
+
+def _set_point(maps: torch.Tensor, loc: tuple[int, int], k: int, y: float, x: float) -> None:
+    """Point ``k`` of location ``(row, col)`` at ``(y, x)`` stride units (y-first channels)."""
+    maps[0, 2 * k, loc[0], loc[1]] = y
+    maps[0, 2 * k + 1, loc[0], loc[1]] = x
+
+
+def test_refine_stage_assigns_on_init_boxes_and_matches_hand_losses():
+    # One level, stride 8, a 4 x 4 map on a 32 x 32 image: points at (0, 8, 16, 24)^2
+    # (RepPoints' offset 0). One GT [0, 0, 16, 16] of class 1, centred on point (8, 8),
+    # i.e. location (row 1, col 1).
+    head = RepPointsHead(
+        2, 8, feat_channels=8, stacked_convs=1, point_feat_channels=8, strides=(8,),
+        transform="minmax",
+    )  # fmt: skip
+    cls = torch.zeros(1, 2, 4, 4)  # p = 0.5 everywhere
+    init = torch.zeros(1, 18, 4, 4)  # zero-area pseudo boxes: IoU 0 with the GT
+    # Location (1, 1): init box [-1, -1, 1, 1.125] strides -> [0, 0, 16, 17] px (IoU 0.94).
+    _set_point(init, (1, 1), 0, -1.0, -1.0)
+    _set_point(init, (1, 1), 1, 1.125, 1.0)
+    refine = init.clone()
+    # Location (1, 1): refine box [1, 0, 16, 18] px.
+    _set_point(refine, (1, 1), 0, -1.0, -0.875)
+    _set_point(refine, (1, 1), 1, 1.25, 1.0)
+    # Location (1, 2), point (16, 8): its refine box is exactly the GT, but the refine stage
+    # assigns on the (detached) init boxes, where it has IoU 0: it stays negative.
+    _set_point(refine, (1, 2), 0, -1.0, -2.0)
+    _set_point(refine, (1, 2), 1, 1.0, 0.0)
+    losses = head.loss_by_feat(
+        [cls], [init], [refine],
+        batch_gt_bboxes=[torch.tensor([[0.0, 0.0, 16.0, 16.0]])],
+        batch_gt_labels=[torch.tensor([1])],
+        batch_img_metas=[dict(img_shape=(32, 32), pad_shape=(32, 32))],
+    )  # fmt: skip
+
+    def smooth_l1(d: float, beta: float = 0.11) -> float:
+        return 0.5 * d * d / beta if abs(d) < beta else abs(d) - 0.5 * beta
+
+    norm = 4 * 8  # point_base_scale * stride
+    # Init: PointAssigner puts the GT on location (1, 1) only; box error [0, 0, 0, 1] px,
+    # loss weight 0.5, avg factor 1 positive.
+    assert losses["loss_pts_init"].item() == pytest.approx(0.5 * smooth_l1(1 / norm), rel=1e-5)
+    # Refine: MaxIoU (0.5 / 0.4) on init boxes -> location (1, 1) only; error [1, 0, 0, 2] px.
+    expected_refine = smooth_l1(1 / norm) + smooth_l1(2 / norm)
+    assert losses["loss_pts_refine"].item() == pytest.approx(expected_refine, rel=1e-5)
+    # Focal loss (alpha 0.25, gamma 2) at p = 0.5 over 16 locations x 2 classes: one positive
+    # element (0.25 * 0.5^2 * ln 2), 31 negative ones (0.75 * 0.5^2 * ln 2), avg factor 1.
+    expected_cls = (0.25 + 31 * 0.75) * 0.25 * math.log(2)
+    assert losses["loss_cls"].item() == pytest.approx(expected_cls, rel=1e-5)
