@@ -37,7 +37,7 @@ Backends: ``"torch"`` (default) fits every GT's mixture at once with
 over GTs); ``"sklearn"`` runs mmdetection's loop with one ``sklearn.mixture.GaussianMixture``
 per GT and is the reference the tests compare against. They agree up to floating-point ties.
 
-Why the torch backend is fast (~30-40x the reference on one CPU core for 50 GTs, ~46k
+Why the torch backend is fast (31-55x the reference on one CPU core for 50 GTs, ~46k
 positives; ``benchmarks/bench_paa.py``): the candidates need no Python loop and no pass
 over the positives beyond building one int64 key (GT, level, loss bits); an exact
 prefilter (per-group minima of topk+ buckets, one ``scatter_reduce``) leaves ~5% of the
