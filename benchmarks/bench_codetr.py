@@ -10,6 +10,14 @@ with the same settings: the auxiliary heads are training-only, so the ratio shou
 
 ``--quick``: tiny backbone, 160 px, batch 2 (CPU). Full: ResNet-50, 800 px, batch 2, 300
 queries -- Co-DETR's setting; with ``--amp`` the step runs in bf16 autocast (CUDA only).
+
+``--accuracy STEPS`` instead trains each configuration in ``--aux`` from the same seed for
+STEPS optimizer steps on the shapes train split (Co-DETR's AdamW and clipping, constant
+learning rate ``--lr``) and prints COCO AP on the val split: the comparison of notebook 05
+at a chosen length, e.g. one process per configuration to use several cores::
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.bench_codetr --quick --accuracy 3000 --aux none
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.bench_codetr --quick --accuracy 3000 --aux atss
 """
 
 from __future__ import annotations
@@ -71,20 +79,74 @@ def make_step(model, batch: dict, device: torch.device, amp: bool):
     return step
 
 
+def accuracy(args, device: torch.device, size: int, backbone: str, queries: int, amp: bool):
+    """Train each ``args.aux`` configuration for ``args.accuracy`` steps; print COCO AP."""
+    from labkit.codetr.analysis import train_and_evaluate
+    from labkit.codetr.co_detr import train_config
+    from labkit.data.collate import make_loader
+
+    transforms = test_transforms(scale=(size, size))
+    train_set = shapes_dataset("train", transforms=transforms)
+    val_set = shapes_dataset("val", transforms=transforms)
+    rows = []
+    for name in args.aux:
+        aux = () if name == "none" else tuple(name.split("+"))
+        torch.manual_seed(args.seed)
+        model = co_deformable_detr(
+            train_set.num_classes, aux=aux, backbone=backbone, num_queries=queries
+        )
+        config = train_config(
+            max_iters=args.accuracy, lr=args.lr, milestones=(), progress=True,
+            log_every=50, eval_every=10**6, amp=amp,
+        )  # fmt: skip
+        train_loader = make_loader(
+            train_set, batch_size=args.batch_size, shuffle=True, seed=args.seed
+        )
+        start = time.perf_counter()
+        run = train_and_evaluate(
+            model, train_loader, make_loader(val_set, batch_size=4), val_set, config, device
+        )
+        minutes = (time.perf_counter() - start) / 60
+        m, last = run["metrics"], run["history"].train[-1]
+        rows.append([name, args.seed, args.accuracy, minutes, m["AP"], m["AP50"], last["loss_cls"]])
+    print_table(
+        f"Co-DETR vs Deformable-DETR on shapes, {backbone}, {size}px, batch {args.batch_size}, "
+        f"{queries} queries, lr {args.lr:g} -- {describe_device(device)}",
+        ["aux heads", "seed", "steps", "train+eval min", "AP", "AP50", "last loss_cls"],
+        rows,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, 160 px (CPU)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--size", type=int, default=None, help="image size (160 quick, 800 full)")
+    parser.add_argument(
+        "--accuracy",
+        type=int,
+        metavar="STEPS",
+        help="train STEPS steps per configuration, report AP",
+    )
+    parser.add_argument(
+        "--aux", nargs="+", default=["none", "atss", "atss+faster_rcnn"],
+        help="configurations for --accuracy: none, atss, faster_rcnn, atss+faster_rcnn",
+    )  # fmt: skip
+    parser.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (--accuracy)")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     import labkit
 
     device = labkit.device(args.device)
     amp = args.amp and device.type == "cuda"
-    size = 160 if args.quick else 800
+    size = args.size or (160 if args.quick else 800)
     backbone = "tiny" if args.quick else "resnet50"
     queries = 100 if args.quick else 300
+    if args.accuracy:
+        accuracy(args, device, size, backbone, queries, amp)
+        return
     ds = shapes_dataset("train", transforms=test_transforms(scale=(size, size)))
     batch = _to(collate([ds[i] for i in range(args.batch_size)]), device)
     n = args.batch_size
