@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from toy_batches import solid_box_batch
 
 from labkit.assigners import RandomSampler
 from labkit.boxes import bbox_overlaps
@@ -12,37 +13,18 @@ from labkit.heads.faster_rcnn import TwoStageDetector, codetr_faster_rcnn_head, 
 from labkit.losses import GIoULoss
 
 SIZE = 128
-COLOURS = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [0, 1, 1]])
 
 
 def two_images(size: int = SIZE, scale: float = 1.0) -> dict:
-    """Two flat images with solid boxes, one colour per class, collated like ``labkit.data.collate``."""
+    """Two flat images with solid boxes (``toy_batches.solid_box_batch``) and a padding mask."""
     k = size / 128
     gts = [
         torch.tensor([[15.0, 20.0, 55.0, 60.0], [70.0, 30.0, 115.0, 100.0]]) * k,
         torch.tensor([[30.0, 15.0, 100.0, 55.0], [10.0, 75.0, 45.0, 120.0]]) * k,
     ]
-    labels = [torch.tensor([0, 2]), torch.tensor([1, 3])]
-    imgs = torch.full((2, 3, size, size), -1.0)
-    for i in range(2):
-        for box, label in zip(gts[i], labels[i], strict=True):
-            x1, y1, x2, y2 = box.int().tolist()
-            imgs[i, :, y1:y2, x1:x2] = COLOURS[label][:, None, None] * 2 - 0.5
-    meta = {
-        "img_shape": (size, size),
-        "pad_shape": (size, size),
-        "ori_shape": (round(size / scale), round(size / scale)),
-        "scale_factor": (scale,) * 4,
-        "batch_input_shape": (size, size),
-    }
-    return {
-        "img": imgs,
-        "padding_mask": torch.zeros(2, size, size, dtype=torch.bool),
-        "img_metas": [dict(meta, image_id=i) for i in range(2)],
-        "gt_bboxes": gts,
-        "gt_labels": labels,
-        "gt_bboxes_ignore": [torch.zeros(0, 4), torch.zeros(0, 4)],
-    }
+    batch = solid_box_batch(gts, [torch.tensor([0, 2]), torch.tensor([1, 3])], size, scale)
+    batch["padding_mask"] = torch.zeros(2, size, size, dtype=torch.bool)
+    return batch
 
 
 def tiny_model() -> TwoStageDetector:
