@@ -103,17 +103,21 @@ def _design(x: Tensor, mask: Tensor) -> Tensor:
     return torch.stack([mask.to(torch.float64), xd, xd * xd], dim=2)
 
 
-def _coefficients(weights: Tensor, means: Tensor, variances: Tensor) -> tuple[Tensor, ...]:
-    """``(c0, c1, c2)``, each ``[K, 2]``: ``c0 + c1 x + c2 x^2 = log w + log N(x | mean, var)``.
+def _coefficients(
+    weights: Tensor, means: Tensor, variances: Tensor, out: tuple[Tensor, ...] | None = None
+) -> tuple[Tensor, ...]:
+    """``(c0, c1, c2)``, each shaped like ``means``: ``c0 + c1 x + c2 x^2 = log w + log N(x | mean, var)``.
 
     ``(log(w^2 prec) - log(2 pi) - mean^2 prec) / 2 + mean prec x - prec x^2 / 2`` -- the
     quadratic expanded in powers of ``x``, as scikit-learn does for ``diag``/``spherical``.
+    ``out``: three buffers to write ``(c0, c1, c2)`` into (the EM loop's); default new tensors.
     """
-    # In-place steps on fresh temporaries (the same arithmetic, fewer allocations).
-    prec = variances.reciprocal()
-    mean_prec = means * prec
-    log_w2_prec = (weights * weights).mul_(prec).log_()
-    const = log_w2_prec.addcmul_(means, mean_prec, value=-1).sub_(_LOG_2PI).mul_(0.5)
+    c0, c1, c2 = out if out is not None else (None, None, None)
+    # In-place steps after the first op of each (the same arithmetic, fewer allocations).
+    prec = torch.reciprocal(variances, out=c2)
+    mean_prec = torch.mul(means, prec, out=c1)
+    const = torch.mul(weights, weights, out=c0).mul_(prec).log_()
+    const.addcmul_(means, mean_prec, value=-1).sub_(_LOG_2PI).mul_(0.5)
     return const, mean_prec, prec.mul_(-0.5)
 
 
@@ -130,23 +134,35 @@ def _component_log_probs(x: Tensor, x_sq: Tensor, coef: tuple[Tensor, ...]) -> l
     ]
 
 
-def _m_step(stats: Tensor, sum_x2: Tensor, cov_type: str, reg_covar: float):
-    """Weights, means, variances (each ``[k, 2, 1]``) from ``stats[k, c, j] = sum_i resp_ic x_i^j``.
+def _m_step(
+    s0: Tensor,
+    s1: Tensor,
+    s2: Tensor,
+    sum_x2: Tensor,
+    cov_type: str,
+    reg_covar: float,
+    out: tuple[Tensor, ...] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Weights, means, variances (each ``[k, 2, 1]``) from the sums ``s_j[k, c, 0] = sum_i resp_ic x_i^j``.
 
-    ``stats: Tensor[k, 2, 3]``; ``sum_x2: Tensor[k, 1, 1]`` (``tied`` only).
+    ``s0, s1, s2: Tensor[k, 2, 1]``; ``sum_x2: Tensor[k, 1, 1]`` (``tied`` only). ``out``: four
+    ``[k, 2, 1]`` buffers ``(nk, means, variances, weights)`` to write into (the EM loop's).
     """
-    s0, s1, s2 = stats.split(1, dim=2)  # [k, 2, 1] each
-    nk = s0 + 10 * _EPS64
-    means = s1 / nk
+    nk_out, means_out, variances_out, weights_out = out if out is not None else (None,) * 4
+    nk = torch.add(s0, 10 * _EPS64, out=nk_out)
+    means = torch.div(s1, nk, out=means_out)
     if cov_type == "tied":
         shared = (sum_x2 - (nk * means * means).sum(1, keepdim=True)) / nk.sum(
             1, keepdim=True
         ) + reg_covar
         variances = shared.expand_as(means)
+        if variances_out is not None:
+            variances = variances_out.copy_(variances)
     else:
         # full, diag and spherical coincide in one dimension.
-        variances = (s2 / nk).addcmul_(means, means, value=-1).add_(reg_covar)
-    return nk / nk.sum(1, keepdim=True), means, variances
+        variances = torch.div(s2, nk, out=variances_out).addcmul_(means, means, value=-1)
+        variances.add_(reg_covar)
+    return torch.div(nk, nk.sum(1, keepdim=True), out=weights_out), means, variances
 
 
 def fit_gmm_1d(
@@ -252,21 +268,10 @@ def _em_iteration(b: _Batch, cov_type: str, reg_covar: float, tol: float) -> Non
     torch.logaddexp(b.lp0, b.lp1, out=b.log_norm)
     b.log_prob.sub_(b.log_norm).exp_()  # responsibilities
     torch.bmm(b.work, b.design, out=b.stats)  # padding rows of the design are zero
-    # M-step (the arithmetic of _m_step, into the buffers).
-    torch.add(b.s0, 10 * _EPS64, out=b.nk)
-    torch.div(b.s1, b.nk, out=b.means)
-    if cov_type == "tied":
-        b.variances.copy_(_m_step(b.stats[:, :2], b.sum_x2, cov_type, reg_covar)[2])
-    else:
-        torch.div(b.s2, b.nk, out=b.variances).addcmul_(b.means, b.means, value=-1)
-        b.variances.add_(reg_covar)
-    torch.div(b.nk, b.nk.sum(1, keepdim=True), out=b.weights)
-    # E-step coefficients of the next iteration (the arithmetic of _coefficients).
-    prec = torch.reciprocal(b.variances, out=b.c2)
-    torch.mul(b.means, prec, out=b.c1)
-    torch.mul(b.weights, b.weights, out=b.c0).mul_(prec).log_()
-    b.c0.addcmul_(b.means, b.c1, value=-1).sub_(_LOG_2PI).mul_(0.5)
-    prec.mul_(-0.5)
+    # M-step, then the next E-step's coefficients, into the buffers.
+    buffers = (b.nk, b.means, b.variances, b.weights)
+    _m_step(b.s0, b.s1, b.s2, b.sum_x2, cov_type, reg_covar, out=buffers)
+    _coefficients(b.weights, b.means, b.variances, out=(b.c0, b.c1, b.c2))
     # Rows running this iteration keep its stats; then scikit-learn's stopping rule (a NaN
     # bound also stops; its variances then fail the final check, where scikit-learn raises).
     torch.where(b.active3, b.stats, b.saved, out=b.saved)
@@ -328,7 +333,8 @@ def _fit(x, mask, cov_type, means_init, weights_init, precisions_init, tol, reg_
         out_saved[batch.ids], out_iter[batch.ids] = batch.saved, batch.n_iter
         out_active[batch.ids] = batch.active
     weights, means, variances = (
-        t.reshape(num, 2) for t in _m_step(out_saved[:, :2], sum_x2, cov_type, reg_covar)
+        t.reshape(num, 2)
+        for t in _m_step(*out_saved[:, :2].split(1, dim=2), sum_x2, cov_type, reg_covar)
     )
     if not bool((variances > 0).all()):
         raise ValueError(
