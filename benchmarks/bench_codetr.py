@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks._common import describe_device, peak_memory_mb, print_table, sync
+from benchmarks._common import describe_device, peak_memory_mb, print_table, time_side_by_side
 from labkit.codetr.co_detr import co_deformable_detr
 from labkit.data.collate import collate
 from labkit.data.shapes import shapes_dataset
@@ -42,19 +42,10 @@ AUX_SETTINGS = [(), ("atss",), ("faster_rcnn",), ("atss", "faster_rcnn")]
 def interleaved_medians(
     fns: dict[str, Callable[[], object]], device: torch.device, repeat: int
 ) -> dict[str, float]:
-    """Median seconds of each ``fn``, timed round-robin (one warm-up call each first) so a
-    shared machine's load drifts over all of them alike instead of favouring one."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    """Median seconds of each ``fn`` over ``repeat`` round-robin rounds (see
+    ``time_side_by_side``), by name."""
+    seconds = time_side_by_side(list(fns.values()), [1] * len(fns), rounds=repeat, device=device)
+    return dict(zip(fns, seconds, strict=True))
 
 
 def _to(batch: dict, device: torch.device) -> dict:
