@@ -22,6 +22,7 @@ __all__ = [
     "NotebookRun",
     "discover",
     "ensure_kernel",
+    "execute_notebook",
     "format_summary",
     "register",
     "run_notebook",
@@ -137,6 +138,33 @@ def _describe_error(err: BaseException) -> str:
     return _ANSI.sub("", f"{type(err).__name__}: {err}")
 
 
+# A kernel can fail to start for reasons that are nobody's notebook: two parallel runs'
+# kernels picking the same free TCP port at the same moment (jupyter_client chooses ports per
+# process), or a loaded machine. nbclient reports both from its kernel_info handshake, before
+# any cell has run, so the run is simply started again.
+START_ATTEMPTS = 3
+_STARTUP_MESSAGES = ("before replying to kernel_info", "Kernel didn't respond in")
+
+
+def is_kernel_startup_failure(err: BaseException) -> bool:
+    """True for nbclient's errors that mean the kernel never finished starting."""
+    return isinstance(err, RuntimeError) and any(m in str(err) for m in _STARTUP_MESSAGES)
+
+
+def execute_notebook(*args: Any, **kwargs: Any) -> None:
+    """``papermill.execute_notebook(*args, **kwargs)``, started again (up to ``START_ATTEMPTS``
+    runs in all) when the kernel fails to start; every other error is raised as it is."""
+    import papermill as pm
+
+    for attempt in range(1, START_ATTEMPTS + 1):
+        try:
+            pm.execute_notebook(*args, **kwargs)
+            return
+        except Exception as err:
+            if attempt == START_ATTEMPTS or not is_kernel_startup_failure(err):
+                raise
+
+
 def run_notebook(
     path: str | os.PathLike,
     out_dir: str | os.PathLike = "build",
@@ -162,8 +190,6 @@ def run_notebook(
     Returns:
         The :class:`NotebookRun` (never raises for a failing notebook).
     """
-    import papermill as pm
-
     path = Path(path).resolve()
     out = Path(out_dir)
     executed = out / "notebooks" / path.name
@@ -177,7 +203,7 @@ def run_notebook(
         env_headless = os.environ.get(HEADLESS_ENV)
         os.environ[HEADLESS_ENV] = "1"  # explorers draw once instead of opening widgets
         try:
-            pm.execute_notebook(
+            execute_notebook(
                 str(path),
                 str(tmp),
                 parameters={"quick": quick, "device": device, "seed": seed},

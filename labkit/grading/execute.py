@@ -5,7 +5,8 @@ like nbgrader's autograder: every cell runs even after an error (``allow_errors`
 that exceeds its time is interrupted and the next one runs (``interrupt_on_timeout``).
 papermill saves OUT at every cell start and end, so the parent can score a run it had to
 kill. A kernel that fails to start (before any cell ran) is started again, up to three
-times. The last stdout line is JSON: ``{"error": null | "..."}``.
+times (``labkit.run_notebooks.execute_notebook``). The last stdout line is JSON:
+``{"error": null | "..."}``.
 """
 
 from __future__ import annotations
@@ -15,18 +16,6 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-
-# A kernel can fail to start for reasons that are nobody's submission: two graders' kernels
-# picking the same free TCP port at the same moment (jupyter_client chooses ports per
-# process), or a loaded machine. nbclient reports both from its kernel_info handshake, before
-# any cell has run, so the run is simply started again.
-START_ATTEMPTS = 3
-_STARTUP_MESSAGES = ("before replying to kernel_info", "Kernel didn't respond in")
-
-
-def is_kernel_startup_failure(err: BaseException) -> bool:
-    """True for nbclient's errors that mean the kernel never finished starting."""
-    return isinstance(err, RuntimeError) and any(m in str(err) for m in _STARTUP_MESSAGES)
 
 
 def execute(
@@ -38,42 +27,36 @@ def execute(
     parameters: dict,
 ) -> str | None:
     """Run the notebook; return ``None``, or a description of what stopped the run early."""
-    import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
     from labkit.notebook import HEADLESS_ENV
-    from labkit.run_notebooks import _describe_error
+    from labkit.run_notebooks import _describe_error, execute_notebook
 
     os.environ.pop("MPLBACKEND", None)  # inline plots in the kernel, as run_notebooks does
     os.environ[HEADLESS_ENV] = "1"  # explorers draw once instead of opening widgets
-    attempt = 1
-    while True:
-        try:
-            pm.execute_notebook(
-                input_path,
-                output_path,
-                parameters=parameters,
-                kernel_name=kernel,
-                # The kernel starts in ``cwd`` (nbclient's resources path); papermill's own
-                # ``cwd`` would move this process there too, and a notebook deleting its working
-                # directory would then break every save of the executed notebook.
-                resources={"metadata": {"path": cwd}},
-                progress_bar=False,
-                log_output=False,
-                execution_timeout=cell_timeout,
-                allow_errors=True,
-                interrupt_on_timeout=True,
-                # No IPython history file: nothing shared between students' kernels.
-                extra_arguments=["--HistoryManager.hist_file=:memory:"],
-            )
-        except PapermillExecutionError:
-            return None  # errors inside cells are results; the notebook ran to the end
-        except Exception as err:  # the kernel died, could not start, ...
-            if is_kernel_startup_failure(err) and attempt < START_ATTEMPTS:
-                attempt += 1  # no student code has run yet: start a fresh kernel
-                continue
-            return _describe_error(err)
-        return None
+    try:
+        execute_notebook(  # started again if the kernel fails to start: no student code ran
+            input_path,
+            output_path,
+            parameters=parameters,
+            kernel_name=kernel,
+            # The kernel starts in ``cwd`` (nbclient's resources path); papermill's own ``cwd``
+            # would move this process there too, and a notebook deleting its working
+            # directory would then break every save of the executed notebook.
+            resources={"metadata": {"path": cwd}},
+            progress_bar=False,
+            log_output=False,
+            execution_timeout=cell_timeout,
+            allow_errors=True,
+            interrupt_on_timeout=True,
+            # No IPython history file: nothing shared between students' kernels.
+            extra_arguments=["--HistoryManager.hist_file=:memory:"],
+        )
+    except PapermillExecutionError:
+        return None  # errors inside cells are results; the notebook ran to the end
+    except Exception as err:  # the kernel died, could not start three times, ...
+        return _describe_error(err)
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
