@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader
 
 import labkit
 from labkit.engine.checkpoint import load_checkpoint, save_checkpoint
-from labkit.engine.train import TrainConfig, capture_rng, restore_rng, train
+from labkit.engine.rng import capture_rng, restore_rng
+from labkit.engine.train import TrainConfig, train
 
 torch.set_num_threads(1)
 

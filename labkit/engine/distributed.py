@@ -72,28 +72,10 @@ def get_info() -> DistInfo:
     return DistInfo(dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), dist.get_world_size())
 
 
-def is_main_process() -> bool:
-    """True on rank 0 (and in a single process)."""
-    return get_info().is_main
-
-
 def barrier() -> None:
     """Wait for every rank (no-op in a single process)."""
     if get_info().enabled:
         dist.barrier()
-
-
-def reduce_mean(values: torch.Tensor) -> torch.Tensor:
-    """The mean of ``values: Tensor[...]`` over all ranks (unchanged in a single process).
-
-    Used for logged losses, so rank 0's log shows the whole global batch, and for the NaN
-    check, so every rank stops at the same iteration instead of deadlocking.
-    """
-    if not get_info().enabled:
-        return values
-    values = values.clone()
-    dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values / dist.get_world_size()
 
 
 def shard_loader(loader: DataLoader, seed: int = 0) -> DataLoader:

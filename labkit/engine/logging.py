@@ -60,9 +60,3 @@ class JsonlLogger:
         if self._file is not None:
             self._file.close()
             self._file = None
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """All records of a JSON-lines log, in order."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]

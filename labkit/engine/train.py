@@ -1,8 +1,11 @@
 """The one training loop every labkit detector uses: dense heads, Deformable-DETR and Co-DETR.
 
 A detector only needs ``loss(batch) -> dict[str, Tensor]``; the loop sums the entries whose
-key contains ``"loss"`` (mmdetection's rule) and steps the optimizer. Read :func:`train` top
-to bottom: schedule, accumulation, AMP, clipping, logging, evaluation, checkpoints, resume.
+key contains ``"loss"`` (mmdetection's rule) and steps the optimizer. Read :func:`train` (at the
+end) top to bottom: set up, resume, then per epoch train, evaluate, checkpoint. The helpers
+above it are defined in the order they run: one optimizer step is :func:`_forward_backward`
+(accumulation, AMP) and :func:`_optimizer_step` (NaN check, clipping); RNG capture and
+restore for an exact resume live in :mod:`labkit.engine.rng`.
 
     history = train(model, loader, epochs=12, lr=0.01, work_dir="work_dirs/retinanet")
     history = train(model, loader, TrainConfig(optimizer="adamw", lr=2e-4, max_norm=0.1,
@@ -16,14 +19,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import random
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
@@ -33,6 +35,8 @@ from labkit import to_device
 from labkit.engine import distributed as dist_utils
 from labkit.engine.checkpoint import copy_checkpoint, load_checkpoint, save_checkpoint
 from labkit.engine.logging import JsonlLogger
+from labkit.engine.rng import capture_rng, restore_rng
+from labkit.nn.distributed import reduce_mean
 
 
 def _require(ok: bool, name: str, expected: str, value: Any) -> None:
@@ -271,81 +275,6 @@ class _LossForward(nn.Module):
         return self.model.loss(batch)
 
 
-# ----------------------------------------------------------------------------- RNG state
-
-
-def _loader_generators(loader: DataLoader) -> list[torch.Generator]:
-    candidates = [
-        getattr(loader, "generator", None),
-        getattr(getattr(loader, "sampler", None), "generator", None),
-        getattr(
-            getattr(getattr(loader, "batch_sampler", None), "sampler", None), "generator", None
-        ),
-    ]
-    unique: list[torch.Generator] = []
-    for gen in candidates:
-        if gen is not None and all(gen is not g for g in unique):
-            unique.append(gen)
-    return unique
-
-
-def _transform_generators(obj: Any, depth: int = 0) -> list[np.random.Generator]:
-    """numpy Generators owned by the dataset's transforms (e.g. ``RandomFlip.rng``).
-
-    Looks through ``.dataset``/``.datasets`` (Subset, ConcatDataset), ``.transforms``
-    (Compose) and ``.rng``, a few levels deep. With ``num_workers=0`` these streams live in
-    the main process and must be saved for an exact resume; in workers they are reseeded
-    from the loader's generator, which is saved anyway.
-    """
-    if isinstance(obj, np.random.Generator):
-        return [obj]
-    if obj is None or depth > 4:
-        return []
-    found: list[np.random.Generator] = []
-    for attr in ("dataset", "datasets", "transforms", "rng"):
-        child = getattr(obj, attr, None)
-        for item in child if isinstance(child, (list, tuple)) else [child]:
-            found += _transform_generators(item, depth + 1)
-    return found
-
-
-def capture_rng(loader: DataLoader | None = None) -> dict:
-    """Every random state a training step can touch: python, numpy, torch (CPU, CUDA), the
-    loader's generators (shuffle order, worker seeds) and numpy Generators inside the
-    dataset's transforms. Stored with plain types/tensors so ``torch.load(weights_only=True)``
-    reads it back."""
-    version, internal, gauss = random.getstate()
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": [version, list(internal), gauss],
-        "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-        "torch": torch.get_rng_state(),
-        "loader": [g.get_state() for g in _loader_generators(loader)] if loader is not None else [],
-        "transforms": [g.bit_generator.state for g in _transform_generators(loader)],
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict, loader: DataLoader | None = None) -> None:
-    """Inverse of :func:`capture_rng`."""
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if loader is not None:
-        for gen, gen_state in zip(_loader_generators(loader), state["loader"], strict=True):
-            gen.set_state(gen_state)
-        # strict=False: a resumed run may use a dataset whose transforms changed.
-        transform_states = state.get("transforms", [])
-        for gen, gen_state in zip(_transform_generators(loader), transform_states, strict=False):
-            gen.bit_generator.state = gen_state
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -370,6 +299,317 @@ def _resume_path(resume: bool | str | Path | None, work_dir: Path | None) -> Pat
         latest = work_dir / "latest.pth"
         return latest if latest.is_file() else None  # nothing saved yet: start fresh
     return Path(resume)
+
+
+@dataclass
+class _Run:
+    """One call of :func:`train`: what :func:`_setup` builds once, and the counters, history
+    and log window that the steps advance and a checkpoint saves."""
+
+    config: TrainConfig
+    model: nn.Module
+    loader: DataLoader  # the train loader, re-sharded under DDP
+    device: torch.device
+    info: dist_utils.DistInfo
+    optimizer: torch.optim.Optimizer
+    params: list[nn.Parameter]  # every parameter the optimizer updates
+    scaler: torch.amp.GradScaler  # a no-op unless AMP in float16
+    use_amp: bool
+    amp_dtype: torch.dtype
+    loss_fn: Callable[[dict], dict]  # model.loss, or the DDP wrapper that calls it
+    ddp: nn.parallel.DistributedDataParallel | None
+    iters_per_epoch: int  # optimizer steps per epoch
+    max_iters: int
+    work_dir: Path | None
+    writes: bool  # this process writes the log and checkpoints (rank 0 with a work_dir)
+    logger: JsonlLogger
+    recipe: dict | None
+    val_loader: DataLoader | None
+    val_dataset: Any
+    history: History = field(default_factory=History)
+    epoch: int = 0  # epochs done
+    it: int = 0  # optimizer steps done
+    it_in_epoch: int = 0  # optimizer steps done in the current epoch
+    window: dict[str, list[float]] = field(default_factory=dict)  # values since the last log line
+    bar: Any = None  # tqdm bar, opened by _start_log once the first step is known
+
+
+def _setup(
+    model: nn.Module,
+    train_loader: DataLoader,
+    config: TrainConfig,
+    device: str | torch.device | None,
+    work_dir: str | Path | None,
+    recipe: dict | tuple | list | None,
+    val_loader: DataLoader | None,
+    val_dataset: Any,
+) -> _Run:
+    """Check the model, pick the device, shard the loader (DDP), build the optimizer, AMP
+    scaler, DDP wrapper and JSON-lines logger: a :class:`_Run` at step 0."""
+    if not callable(getattr(model, "loss", None)):
+        raise TypeError(
+            f"model: expected a detector with a loss(batch) method, got {type(model).__name__}"
+        )
+    info = dist_utils.init_distributed()
+    if info.enabled and torch.cuda.is_available() and device in (None, "auto", "cuda"):
+        device = torch.device("cuda", info.local_rank)  # one GPU per process
+    device = labkit.device(device)
+    model.to(device)
+    loader = dist_utils.shard_loader(train_loader, config.sampler_seed)
+    if len(loader) == 0:
+        raise ValueError("train_loader: is empty (no batches)")
+    iters_per_epoch = math.ceil(len(loader) / config.accum_steps)
+
+    optimizer = build_optimizer(model, config)
+    use_amp = config.amp and device.type == "cuda"
+    if config.amp and not use_amp:
+        # stacklevel=3: blame the caller of train(), not this helper.
+        warnings.warn("amp=True only acts on CUDA; training in float32 on CPU", stacklevel=3)
+    amp_dtype = getattr(torch, config.amp_dtype)
+    # bf16 has float32's range, so only fp16 needs loss scaling against underflow.
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    # DDP: forward goes through a wrapper so gradients are averaged across ranks.
+    ddp = None
+    if info.enabled:
+        ddp = dist_utils.wrap_ddp(_LossForward(model), device, config.find_unused_parameters)
+
+    work_dir = Path(work_dir) if work_dir is not None else None
+    writes = info.is_main and work_dir is not None
+    recipe = recipe if recipe is not None else getattr(model, "recipe", None)
+    if isinstance(recipe, (tuple, list)):  # the heads' recipes record (name, kwargs)
+        recipe = {"name": recipe[0], "kwargs": dict(recipe[1])}
+    return _Run(
+        config=config,
+        model=model,
+        loader=loader,
+        device=device,
+        info=info,
+        optimizer=optimizer,
+        params=[p for group in optimizer.param_groups for p in group["params"]],
+        scaler=scaler,
+        use_amp=use_amp,
+        amp_dtype=amp_dtype,
+        loss_fn=model.loss if ddp is None else ddp,
+        ddp=ddp,
+        iters_per_epoch=iters_per_epoch,
+        max_iters=config.max_iters or config.epochs * iters_per_epoch,
+        work_dir=work_dir,
+        writes=writes,
+        logger=JsonlLogger(work_dir / "log.jsonl" if writes else None),
+        recipe=recipe,
+        val_loader=val_loader,
+        val_dataset=val_dataset,
+    )
+
+
+def _resume(run: _Run, path: Path) -> tuple[dict, dict]:
+    """Load model, optimizer, grad scaler, counters and history from the checkpoint at
+    ``path`` into ``run``. Returns its two RNG states: ``(epoch_rng, rng)``, taken at the
+    start of the saved epoch and at the save."""
+    ckpt = load_checkpoint(path, run.model, run.optimizer, run.scaler)
+    run.epoch, run.it, run.it_in_epoch = ckpt["epoch"], ckpt["iter"], ckpt["iter_in_epoch"]
+    run.history = History(**ckpt["history"])
+    return ckpt["epoch_rng"], ckpt["rng"]
+
+
+def _start_log(run: _Run, resumed_from: Path | None) -> None:
+    """Write the ``"start"`` log record and open the progress bar at the current step."""
+    from tqdm.auto import tqdm
+
+    run.logger.log(
+        {
+            "mode": "start",
+            "config": dataclasses.asdict(run.config),
+            "iters_per_epoch": run.iters_per_epoch,
+            "max_iters": run.max_iters,
+            "world_size": run.info.world_size,
+            "device": str(run.device),
+            "resumed_from": None if resumed_from is None else str(resumed_from),
+            "iter": run.it,
+        }
+    )
+    show = run.config.progress and run.info.is_main
+    run.bar = tqdm(total=run.max_iters, initial=run.it, desc="train", disable=not show)
+
+
+def _enter_epoch(run: _Run, saved_rng: tuple[dict, dict] | None) -> tuple[Iterator, dict]:
+    """Start epoch ``run.epoch``, or continue it after a resume (``saved_rng`` from
+    :func:`_resume`): fix the sampler order, then the RNG streams, then iterate.
+
+    Returns the batch iterator, past the batches a resumed epoch had already consumed, and
+    the RNG state at the start of the epoch (a mid-epoch checkpoint stores it so that a
+    resume can replay the epoch's shuffle).
+    """
+    loader = run.loader
+    if isinstance(getattr(loader, "sampler", None), DistributedSampler):
+        loader.sampler.set_epoch(run.epoch)
+    if saved_rng is not None and run.it_in_epoch > 0:
+        # Mid-epoch resume: replay the epoch's shuffle, skip what was consumed,
+        # then continue from the exact RNG state of the save.
+        epoch_rng = saved_rng[0]
+        restore_rng(epoch_rng, loader)
+        data_iter = iter(loader)
+        for _ in range(run.it_in_epoch * run.config.accum_steps):
+            next(data_iter)
+        restore_rng(saved_rng[1], loader)
+    else:
+        if saved_rng is not None:
+            restore_rng(saved_rng[1], loader)
+        epoch_rng = capture_rng(loader)
+        data_iter = iter(loader)
+    run.model.train()
+    return data_iter, epoch_rng
+
+
+def _train_one_epoch(run: _Run, data_iter: Iterator) -> None:
+    """Optimizer steps until the epoch's batches run out or ``max_iters`` is reached; each
+    step's record goes to ``run.history.train`` and the log window."""
+    accum = run.config.accum_steps
+    while run.it_in_epoch < run.iters_per_epoch and run.it < run.max_iters:
+        t0 = time.perf_counter()
+        lr = run.config.lr * lr_factor(run.it, run.config, run.iters_per_epoch)
+        _set_lr(run.optimizer, lr)
+        # The epoch's last step is short when accum_steps does not divide len(loader).
+        n_micro = min(accum, len(run.loader) - run.it_in_epoch * accum)
+        step_vars, data_time = _forward_backward(run, data_iter, n_micro)
+        values = _optimizer_step(run, step_vars)
+        run.it += 1
+        run.it_in_epoch += 1
+        record = {"iter": run.it, "epoch": run.epoch + 1, "lr": lr, **values}
+        run.history.train.append(record)
+        _log_step(run, record, {"time": time.perf_counter() - t0, "data_time": data_time})
+
+
+def _forward_backward(
+    run: _Run, data_iter: Iterator, n_micro: int
+) -> tuple[dict[str, Tensor], float]:
+    """Forward and backward ``n_micro`` micro-batches from ``data_iter`` into ``.grad``.
+
+    Each total loss is divided by ``n_micro`` so the accumulated gradient is the mean over
+    the micro-batches (one big batch's gradient when they are equal-sized). Returns the
+    micro-batch mean of every logged value (0-dim float32 tensors, this rank only) and the
+    seconds spent waiting for data.
+    """
+    step_vars: dict[str, Tensor] = {}
+    data_time = 0.0
+    for micro in range(n_micro):
+        t_data = time.perf_counter()
+        batch = to_device(next(data_iter), run.device)
+        data_time += time.perf_counter() - t_data
+        # Only the last micro-batch all-reduces gradients under DDP.
+        sync = run.ddp is None or micro == n_micro - 1
+        with contextlib.nullcontext() if sync else run.ddp.no_sync():
+            with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.use_amp):
+                total, log_vars = parse_losses(run.loss_fn(batch))
+            if not total.requires_grad:
+                # A batch with nothing to learn (e.g. no boxes and a head that
+                # returns constants): still touch every parameter so DDP's
+                # gradient buckets fill on every rank.
+                total = total + sum(p.reshape(-1)[0] * 0.0 for p in run.params)
+            run.scaler.scale(total / n_micro).backward()
+        for key, value in log_vars.items():
+            value = value.detach().float() / n_micro
+            step_vars[key] = step_vars.get(key, 0.0) + value
+    return step_vars, data_time
+
+
+def _optimizer_step(run: _Run, step_vars: dict[str, Tensor]) -> dict[str, float]:
+    """Average the step's logged values over ranks, stop on NaN/inf, clip, step, zero grads.
+
+    Returns the averaged values as floats, plus ``grad_norm`` (the L2 norm before clipping)
+    when ``max_norm`` is set. Raises ``FloatingPointError`` naming the non-finite loss before
+    any parameter changes.
+    """
+    # One all-reduce of all logged values: rank 0 logs the global batch, and
+    # every rank sees the same NaN and stops together.
+    keys = list(step_vars)
+    values = reduce_mean(torch.stack([step_vars[k] for k in keys]))
+    record = dict(zip(keys, values.tolist(), strict=True))
+    bad = [k for k in keys if not math.isfinite(record[k])]
+    if bad:
+        raise FloatingPointError(
+            f"{', '.join(k for k in bad if k != 'loss') or 'loss'} became "
+            f"{record[bad[0]]} at iteration {run.it + 1} (epoch {run.epoch + 1}); the "
+            "parameters were not updated. Try a lower lr, warm-up, or max_norm."
+        )
+    if run.config.max_norm is not None:
+        run.scaler.unscale_(run.optimizer)
+        grads = [p for p in run.params if p.grad is not None]
+        norm = nn.utils.clip_grad_norm_(grads, run.config.max_norm)
+        record["grad_norm"] = float(norm)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    return record
+
+
+def _log_step(run: _Run, record: dict[str, float], timing: dict[str, float]) -> None:
+    """Add one step's values and timings to the log window and the progress bar; every
+    ``log_every`` steps (and at the last) log the window's means as a ``"train"`` line and
+    start a new window."""
+    for key, value in {**record, **timing}.items():
+        if key not in ("iter", "epoch", "lr"):
+            run.window.setdefault(key, []).append(value)
+    lr = record["lr"]
+    run.bar.update(1)
+    running = sum(run.window["loss"]) / len(run.window["loss"])  # mean since the last log line
+    run.bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.2e}", refresh=False)
+    if run.it % run.config.log_every == 0 or run.it == run.max_iters:
+        line = {"mode": "train", "iter": run.it, "epoch": run.epoch + 1, "lr": lr}
+        line.update({k: sum(v) / len(v) for k, v in run.window.items()})
+        if run.device.type == "cuda":
+            line["memory"] = torch.cuda.max_memory_allocated(run.device) / 2**20
+        run.logger.log(line)
+        run.window = {}
+
+
+def _validate(run: _Run) -> None:
+    """COCO-evaluate on rank 0 when a val loader and dataset were given: the metrics go to
+    ``run.history.val``, the log and the progress bar. Every rank waits for it."""
+    if run.val_loader is None or run.val_dataset is None:
+        return
+    if run.info.is_main:
+        from labkit.engine import evaluate as evaluate_module
+
+        run.model.eval()
+        metrics = evaluate_module.evaluate(
+            run.model, run.val_loader, run.val_dataset, run.device, progress=run.config.progress
+        )
+        # 1-based epoch the evaluated weights belong to (the one just finished, or the
+        # unfinished one when max_iters stopped inside it).
+        metrics = {"epoch": run.epoch + (run.it_in_epoch > 0), "iter": run.it, **metrics}
+        run.history.val.append(metrics)
+        run.logger.log({"mode": "val", **metrics})
+        summary = "  ".join(f"{k} {metrics[k]:.3f}" for k in ("AP", "AP50", "AP75") if k in metrics)
+        run.bar.write(f"iter {run.it} (epoch {run.epoch}): {summary}")
+    dist_utils.barrier()
+
+
+def _checkpoint_state(run: _Run, epoch_rng: dict, rng: dict) -> dict:
+    """What a checkpoint holds: weights, optimizer and grad-scaler state, counters, history
+    and the RNG at the start of the current epoch and now (for an exact resume), plus the
+    recipe and config (for ``labkit eval``)."""
+    return {
+        "labkit_version": labkit.__version__,
+        "recipe": run.recipe,
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "config": dataclasses.asdict(run.config),
+        "epoch": run.epoch,
+        "iter": run.it,
+        "iter_in_epoch": run.it_in_epoch,
+        "rng": rng,
+        "epoch_rng": epoch_rng,
+        "history": dataclasses.asdict(run.history),
+    }
+
+
+def _save(run: _Run, name: str, epoch_rng: dict, rng: dict) -> None:
+    """Write ``work_dir/name`` and make ``latest.pth`` a copy of it."""
+    path = save_checkpoint(run.work_dir / name, _checkpoint_state(run, epoch_rng, rng))
+    if name != "latest.pth":
+        copy_checkpoint(path, run.work_dir / "latest.pth")
 
 
 def train(
@@ -412,220 +652,37 @@ def train(
         A :class:`History`. Raises ``FloatingPointError`` naming the loss that became NaN/inf.
     """
     config = _make_config(config, overrides)
-    if not callable(getattr(model, "loss", None)):
-        raise TypeError(
-            f"model: expected a detector with a loss(batch) method, got {type(model).__name__}"
-        )
-    info = dist_utils.init_distributed()
-    if info.enabled and torch.cuda.is_available() and device in (None, "auto", "cuda"):
-        device = torch.device("cuda", info.local_rank)  # one GPU per process
-    device = labkit.device(device)
-    model.to(device)
-    loader = dist_utils.shard_loader(train_loader, config.sampler_seed)
-    if len(loader) == 0:
-        raise ValueError("train_loader: is empty (no batches)")
-    accum = config.accum_steps
-    iters_per_epoch = math.ceil(len(loader) / accum)
-    max_iters = config.max_iters or config.epochs * iters_per_epoch
-
-    optimizer = build_optimizer(model, config)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    use_amp = config.amp and device.type == "cuda"
-    if config.amp and not use_amp:
-        warnings.warn("amp=True only acts on CUDA; training in float32 on CPU", stacklevel=2)
-    amp_dtype = getattr(torch, config.amp_dtype)
-    # bf16 has float32's range, so only fp16 needs loss scaling against underflow.
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    # DDP: forward goes through a wrapper so gradients are averaged across ranks.
-    ddp = None
-    loss_fn = model.loss
-    if info.enabled:
-        ddp = dist_utils.wrap_ddp(_LossForward(model), device, config.find_unused_parameters)
-        loss_fn = ddp
-
-    work_dir = Path(work_dir) if work_dir is not None else None
-    writes = info.is_main and work_dir is not None
-    logger = JsonlLogger(work_dir / "log.jsonl" if writes else None)
-    history = History()
-    epoch, it, it_in_epoch = 0, 0, 0  # epochs done, optimizer steps done, steps in this epoch
-    saved_rng = None
-    ckpt_path = _resume_path(resume, work_dir)
-    if ckpt_path is not None:
-        ckpt = load_checkpoint(ckpt_path, model, optimizer, scaler)
-        epoch, it, it_in_epoch = ckpt["epoch"], ckpt["iter"], ckpt["iter_in_epoch"]
-        history = History(**ckpt["history"])
-        saved_rng = (ckpt["epoch_rng"], ckpt["rng"])
-    recipe = recipe if recipe is not None else getattr(model, "recipe", None)
-    if isinstance(recipe, (tuple, list)):  # the heads' recipes record (name, kwargs)
-        recipe = {"name": recipe[0], "kwargs": dict(recipe[1])}
-    logger.log(
-        {
-            "mode": "start",
-            "config": dataclasses.asdict(config),
-            "iters_per_epoch": iters_per_epoch,
-            "max_iters": max_iters,
-            "world_size": info.world_size,
-            "device": str(device),
-            "resumed_from": None if ckpt_path is None else str(ckpt_path),
-            "iter": it,
-        }
-    )
-
-    def checkpoint(name: str, epoch_rng: dict, rng: dict) -> None:
-        state = {
-            "labkit_version": labkit.__version__,
-            "recipe": recipe,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
-            "config": dataclasses.asdict(config),
-            "epoch": epoch,
-            "iter": it,
-            "iter_in_epoch": it_in_epoch,
-            "rng": rng,
-            "epoch_rng": epoch_rng,
-            "history": dataclasses.asdict(history),
-        }
-        path = save_checkpoint(work_dir / name, state)
-        if name != "latest.pth":
-            copy_checkpoint(path, work_dir / "latest.pth")
-
-    def validate() -> None:
-        if val_loader is None or val_dataset is None:
-            return
-        if info.is_main:
-            from labkit.engine import evaluate as evaluate_module
-
-            model.eval()
-            metrics = evaluate_module.evaluate(
-                model, val_loader, val_dataset, device, progress=config.progress
-            )
-            # 1-based epoch the evaluated weights belong to (the one just finished, or the
-            # unfinished one when max_iters stopped inside it).
-            metrics = {"epoch": epoch + (it_in_epoch > 0), "iter": it, **metrics}
-            history.val.append(metrics)
-            logger.log({"mode": "val", **metrics})
-            summary = "  ".join(
-                f"{k} {metrics[k]:.3f}" for k in ("AP", "AP50", "AP75") if k in metrics
-            )
-            bar.write(f"iter {it} (epoch {epoch}): {summary}")
-        dist_utils.barrier()
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=max_iters, initial=it, desc="train", disable=not (config.progress and info.is_main)
-    )
-    window: dict[str, list[float]] = {}
-    saved_at = it if ckpt_path is not None else -1
+    run = _setup(model, train_loader, config, device, work_dir, recipe, val_loader, val_dataset)
+    ckpt_path = _resume_path(resume, run.work_dir)
+    saved_rng = _resume(run, ckpt_path) if ckpt_path is not None else None
+    _start_log(run, ckpt_path)
+    saved_at = run.it if ckpt_path is not None else -1  # step of the newest checkpoint
     epoch_rng = None
     try:
-        while it < max_iters:
-            # ---- start (or resume) an epoch: fix the sampler order, then the RNG streams
-            if isinstance(getattr(loader, "sampler", None), DistributedSampler):
-                loader.sampler.set_epoch(epoch)
-            if saved_rng is not None and it_in_epoch > 0:
-                # Mid-epoch resume: replay the epoch's shuffle, skip what was consumed,
-                # then continue from the exact RNG state of the save.
-                epoch_rng = saved_rng[0]
-                restore_rng(epoch_rng, loader)
-                data_iter = iter(loader)
-                for _ in range(it_in_epoch * accum):
-                    next(data_iter)
-                restore_rng(saved_rng[1], loader)
-            else:
-                if saved_rng is not None:
-                    restore_rng(saved_rng[1], loader)
-                epoch_rng = capture_rng(loader)
-                data_iter = iter(loader)
+        while run.it < run.max_iters:
+            data_iter, epoch_rng = _enter_epoch(run, saved_rng)
             saved_rng = None
-            model.train()
-
-            while it_in_epoch < iters_per_epoch and it < max_iters:
-                # ---- one optimizer step over n_micro micro-batches
-                t0 = time.perf_counter()
-                lr = config.lr * lr_factor(it, config, iters_per_epoch)
-                _set_lr(optimizer, lr)
-                n_micro = min(accum, len(loader) - it_in_epoch * accum)
-                step_vars: dict[str, Tensor] = {}
-                data_time = 0.0
-                for micro in range(n_micro):
-                    t_data = time.perf_counter()
-                    batch = to_device(next(data_iter), device)
-                    data_time += time.perf_counter() - t_data
-                    # Only the last micro-batch all-reduces gradients under DDP.
-                    sync = ddp is None or micro == n_micro - 1
-                    with contextlib.nullcontext() if sync else ddp.no_sync():
-                        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                            total, log_vars = parse_losses(loss_fn(batch))
-                        if not total.requires_grad:
-                            # A batch with nothing to learn (e.g. no boxes and a head that
-                            # returns constants): still touch every parameter so DDP's
-                            # gradient buckets fill on every rank.
-                            total = total + sum(p.reshape(-1)[0] * 0.0 for p in params)
-                        scaler.scale(total / n_micro).backward()
-                    for key, value in log_vars.items():
-                        value = value.detach().float() / n_micro
-                        step_vars[key] = step_vars.get(key, 0.0) + value
-                # One all-reduce of all logged values: rank 0 logs the global batch, and
-                # every rank sees the same NaN and stops together.
-                keys = list(step_vars)
-                values = dist_utils.reduce_mean(torch.stack([step_vars[k] for k in keys]))
-                record = dict(zip(keys, values.tolist(), strict=True))
-                bad = [k for k in keys if not math.isfinite(record[k])]
-                if bad:
-                    raise FloatingPointError(
-                        f"{', '.join(k for k in bad if k != 'loss') or 'loss'} became "
-                        f"{record[bad[0]]} at iteration {it + 1} (epoch {epoch + 1}); the "
-                        "parameters were not updated. Try a lower lr, warm-up, or max_norm."
-                    )
-                if config.max_norm is not None:
-                    scaler.unscale_(optimizer)
-                    grads = [p for p in params if p.grad is not None]
-                    norm = nn.utils.clip_grad_norm_(grads, config.max_norm)
-                    record["grad_norm"] = float(norm)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                it += 1
-                it_in_epoch += 1
-
-                # ---- bookkeeping
-                record = {"iter": it, "epoch": epoch + 1, "lr": lr, **record}
-                history.train.append(record)
-                timing = {"time": time.perf_counter() - t0, "data_time": data_time}
-                for key, value in {**record, **timing}.items():
-                    if key not in ("iter", "epoch", "lr"):
-                        window.setdefault(key, []).append(value)
-                bar.update(1)
-                running = sum(window["loss"]) / len(window["loss"])  # mean since the last log line
-                bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.2e}", refresh=False)
-                if it % config.log_every == 0 or it == max_iters:
-                    line = {"mode": "train", "iter": it, "epoch": epoch + 1, "lr": lr}
-                    line.update({k: sum(v) / len(v) for k, v in window.items()})
-                    if device.type == "cuda":
-                        line["memory"] = torch.cuda.max_memory_allocated(device) / 2**20
-                    logger.log(line)
-                    window = {}
-
-            if it_in_epoch < iters_per_epoch:
+            _train_one_epoch(run, data_iter)
+            if run.it_in_epoch < run.iters_per_epoch:
                 break  # stopped by max_iters inside the epoch
-            # ---- end of epoch: evaluate, then checkpoint (so the saved RNG follows eval)
-            epoch, it_in_epoch = epoch + 1, 0
-            last = it >= max_iters
-            if epoch % config.eval_every == 0 or last:
-                validate()
-            if writes and (epoch % config.checkpoint_every == 0 or last):
-                checkpoint(f"epoch_{epoch}.pth", capture_rng(loader), capture_rng(loader))
-                saved_at = it
+            # End of epoch: evaluate, then checkpoint (so the saved RNG follows eval).
+            run.epoch, run.it_in_epoch = run.epoch + 1, 0
+            last = run.it >= run.max_iters
+            if run.epoch % config.eval_every == 0 or last:
+                _validate(run)
+            if run.writes and (run.epoch % config.checkpoint_every == 0 or last):
+                # The next epoch starts from this state, so it is also its epoch_rng.
+                epoch_start, now = capture_rng(run.loader), capture_rng(run.loader)
+                _save(run, f"epoch_{run.epoch}.pth", epoch_start, now)
+                saved_at = run.it
             dist_utils.barrier()
-        if it_in_epoch > 0 and saved_at != it:
+        if run.it_in_epoch > 0 and saved_at != run.it:
             # Stopped by max_iters inside an epoch: save first (a continued run needs the RNG
             # state from before evaluation), then evaluate once.
-            if writes:
-                checkpoint("latest.pth", epoch_rng, capture_rng(loader))
-            validate()
+            if run.writes:
+                _save(run, "latest.pth", epoch_rng, capture_rng(run.loader))
+            _validate(run)
     finally:
-        bar.close()
-        logger.close()
-    return history
+        run.bar.close()
+        run.logger.close()
+    return run.history
