@@ -139,7 +139,7 @@ def _to_json(value: Any, name: str) -> Any:
     return value
 
 
-def _in_ipython() -> bool:
+def in_ipython() -> bool:
     """True inside a Jupyter kernel (JupyterLab, papermill, nbval), not in a terminal shell."""
     try:
         from IPython import get_ipython
@@ -163,7 +163,7 @@ def record(name: str, value: Any) -> Any:
     value = _to_json(value, name)
     _recorded[name] = value
     line = f"[labkit metric] {name} = {value!r}"
-    if _in_ipython():
+    if in_ipython():
         from IPython.display import display
 
         display({METRICS_MIME: {name: value}, "text/plain": line}, raw=True)
@@ -210,7 +210,7 @@ def show_source(obj: Any) -> None:
         source = inspect.getsource(obj)
     except (OSError, TypeError) as err:
         raise TypeError(f"obj: cannot get the source of {obj!r} ({err})") from None
-    if _in_ipython():
+    if in_ipython():
         from IPython.display import Code, display
 
         display(Code(source, language="python"))

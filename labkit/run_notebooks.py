@@ -1,30 +1,47 @@
-"""Batch-run the numbered notebooks with papermill into build/ and print their recorded metrics."""
+"""Batch-run the numbered notebooks with papermill into build/ and print their recorded metrics.
+
+``labkit notebooks run`` runs each selected notebook once with the parameters ``quick``,
+``device`` and ``seed`` (and any ``-p NAME VALUE``); ``--seeds 0 1 2`` runs each once per seed
+into ``OUT/notebooks/seedN/`` and summarizes every recorded metric across the seeds
+(``mean ± std``) in a table and ``OUT/metrics.csv``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import os
 import re
+import statistics
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from labkit.files import write_atomic
 from labkit.notebook import HEADLESS_ENV
 
 __all__ = [
+    "FAILED",
+    "MetricRow",
     "NotebookRun",
     "discover",
     "ensure_kernel",
     "execute_notebook",
+    "format_metrics_table",
     "format_summary",
+    "metrics_csv",
+    "metrics_table",
+    "parse_parameter_value",
+    "parse_parameters",
     "register",
+    "resolve_parameters",
     "run_notebook",
     "run_notebooks",
     "select",
@@ -33,6 +50,8 @@ __all__ = [
 NOTEBOOK_PATTERN = re.compile(r"^\d\d_.*\.ipynb$")
 KERNEL_NAME = "labkit"
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# The parameters every numbered notebook declares, with the values a plain run gives them.
+STANDARD_PARAMETERS: dict[str, Any] = {"quick": True, "device": "cpu", "seed": 0}
 
 
 @dataclass
@@ -46,6 +65,7 @@ class NotebookRun:
     error: str | None = None
     executed: str | None = None
     html: str | None = None
+    seed: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -84,6 +104,103 @@ def select(paths: Sequence[Path], names: Sequence[str] | None) -> list[Path]:
     return [p for p in paths if p in chosen]
 
 
+def parse_parameter_value(text: str) -> Any:
+    """Read a ``-p NAME VALUE`` value as papermill's command line does.
+
+    ``True``, ``False`` and ``None`` become those constants, then anything ``int()`` accepts
+    an int, anything ``float()`` accepts a float; every other text stays a string.
+    """
+    if text in ("True", "False", "None"):
+        return {"True": True, "False": False, "None": None}[text]
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_parameters(pairs: Iterable[Sequence[str]] | None) -> dict[str, Any]:
+    """``[(NAME, VALUE), ...]`` from repeated ``-p`` options to ``{NAME: value}``.
+
+    Values go through :func:`parse_parameter_value`; as in papermill, a later ``-p`` for the
+    same name wins.
+    """
+    parameters: dict[str, Any] = {}
+    for name, value in pairs or ():
+        if not name.isidentifier():
+            raise ValueError(f"-p: parameter name {name!r} is not a Python identifier")
+        parameters[name] = parse_parameter_value(value)
+    return parameters
+
+
+def resolve_parameters(
+    parameters: Mapping[str, Any] | None = None,
+    *,
+    full: bool | None = None,
+    device: str | None = None,
+    seed: int | None = None,
+    seeds: Sequence[int] | None = None,
+) -> tuple[dict[str, Any], list[int] | None]:
+    """Merge ``-p`` parameters with the flags that stand for them; refuse to set one twice.
+
+    ``full`` (``--full``) sets ``quick``, ``device`` (``--device``) sets ``device``, ``seed``
+    (``--seed``) and ``seeds`` (``--seeds``) set ``seed``; ``None`` means the flag was not given.
+    A parameter set both by a flag and by ``parameters`` (``-p``), or by ``--seed`` and
+    ``--seeds``, raises ``ValueError`` naming both.
+
+    Returns:
+        ``(values, seeds)``: every parameter a run gets (``quick``, ``device`` and ``seed``
+        always, their defaults ``True``, ``"cpu"``, ``0`` when nobody set them; ``seed`` is the
+        first of ``seeds`` when given), and the list of seeds, or ``None`` for a single run.
+    """
+    given = dict(parameters or {})
+    for name in given:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"-p: parameter name {name!r} is not a Python identifier")
+    flags: dict[str, tuple[str, Any]] = {}  # parameter -> (flag, value)
+    for flag, name, value in (
+        ("--full", "quick", None if full is None else not full),
+        ("--device", "device", device),
+        ("--seed", "seed", seed),
+        ("--seeds", "seed", None if seeds is None else list(seeds)),
+    ):
+        if value is None:
+            continue
+        if name in given:
+            raise ValueError(
+                f"parameter {name!r} is set twice, by {flag} and by -p {name}: use one of them"
+            )
+        if name in flags:
+            raise ValueError(
+                f"parameter {name!r} is set twice, by {flags[name][0]} and by {flag}: "
+                "use one of them"
+            )
+        flags[name] = (flag, value)
+
+    seed_list = None
+    if seeds is not None:
+        seed_list = list(seeds)
+        if not seed_list:
+            raise ValueError("--seeds: expected at least one seed")
+        for s in seed_list:
+            if not isinstance(s, int) or isinstance(s, bool):
+                raise ValueError(f"--seeds: expected ints, got {s!r}")
+        repeated = sorted({s for s in seed_list if seed_list.count(s) > 1})
+        if repeated:
+            raise ValueError(f"--seeds: seed(s) {repeated} given more than once")
+
+    values = {**STANDARD_PARAMETERS, **given}
+    values.update({name: value for name, (_, value) in flags.items()})
+    if seed_list is not None:
+        values["seed"] = seed_list[0]
+    if not isinstance(values["quick"], bool):
+        raise ValueError(f"-p quick: expected True or False, got {values['quick']!r}")
+    if not isinstance(values["seed"], int) or isinstance(values["seed"], bool):
+        raise ValueError(f"-p seed: expected an int, got {values['seed']!r}")
+    return values, seed_list
+
+
 def ensure_kernel(name: str = KERNEL_NAME) -> str:
     """Make sure Jupyter kernel ``name`` exists; register ``labkit`` for this Python if missing."""
     from jupyter_client.kernelspec import KernelSpecManager
@@ -99,36 +216,16 @@ def ensure_kernel(name: str = KERNEL_NAME) -> str:
     return name
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write via a temporary file in the same directory, then rename over ``path``.
-
-    A reader (or a crashed run) never sees a half-written notebook or page.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Hidden name, same suffix: papermill and nbconvert check the extension.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; publish like a normal file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _render_html(executed: Path, html_path: Path) -> None:
     import nbformat
     from nbconvert import HTMLExporter
 
     nb = nbformat.read(executed, as_version=4)
     body, _ = HTMLExporter().from_notebook_node(nb)
-    _write_atomic(html_path, lambda tmp: tmp.write_text(body, encoding="utf-8"))
+    write_atomic(html_path, lambda tmp: tmp.write_text(body, encoding="utf-8"))
 
 
-def _describe_error(err: BaseException) -> str:
+def describe_error(err: BaseException) -> str:
     # papermill's PapermillExecutionError carries the failing cell; other errors (timeouts,
     # a dead kernel) only have their message.
     if hasattr(err, "ename") and hasattr(err, "exec_count"):
@@ -176,6 +273,8 @@ def run_notebook(
     timeout: float | None = None,
     progress: bool = False,
     html: bool = True,
+    parameters: Mapping[str, Any] | None = None,
+    subdir: str | None = None,
 ) -> NotebookRun:
     """Execute one notebook with papermill and publish ``out_dir/notebooks/NAME.ipynb`` (+ HTML).
 
@@ -186,14 +285,23 @@ def run_notebook(
     Args:
         timeout: seconds allowed per cell (``None``: no limit).
         progress: show papermill's per-cell progress bar.
+        parameters: more parameters to inject (not ``quick``, ``device`` or ``seed``).
+        subdir: publish into ``out_dir/notebooks/SUBDIR/`` and ``out_dir/html/SUBDIR/``
+            instead (``"seed1"`` for one run of a ``--seeds`` batch).
 
     Returns:
         The :class:`NotebookRun` (never raises for a failing notebook).
     """
     path = Path(path).resolve()
+    extra = dict(parameters or {})
+    clash = sorted(extra.keys() & STANDARD_PARAMETERS.keys())
+    if clash:
+        raise ValueError(f"parameters: pass {clash} as the keyword arguments of the same name")
     out = Path(out_dir)
-    executed = out / "notebooks" / path.name
-    html_path = out / "html" / f"{path.stem}.html"
+    folder = Path(subdir) if subdir else Path()
+    executed = out / "notebooks" / folder / path.name
+    html_path = out / "html" / folder / f"{path.stem}.html"
+    label = path.stem if not subdir else f"{subdir}/{path.stem}"
     start = time.perf_counter()
     error = None
 
@@ -206,15 +314,15 @@ def run_notebook(
             execute_notebook(
                 str(path),
                 str(tmp),
-                parameters={"quick": quick, "device": device, "seed": seed},
+                parameters={"quick": quick, "device": device, "seed": seed, **extra},
                 kernel_name=kernel,
                 cwd=str(path.parent),
-                progress_bar={"desc": path.stem, "leave": False} if progress else False,
+                progress_bar={"desc": label, "leave": False} if progress else False,
                 execution_timeout=timeout,
                 log_output=False,
             )
         except Exception as err:  # a failing notebook is a result, not a crash of the batch
-            error = _describe_error(err)
+            error = describe_error(err)
         finally:
             if env_backend is not None:
                 os.environ["MPLBACKEND"] = env_backend
@@ -225,9 +333,9 @@ def run_notebook(
         if not tmp.exists() or tmp.stat().st_size == 0:
             raise RuntimeError(error or "papermill wrote no output notebook")
 
-    run = NotebookRun(name=path.name, status="ok", seconds=0.0)
+    run = NotebookRun(name=path.name, status="ok", seconds=0.0, seed=seed)
     try:
-        _write_atomic(executed, execute)
+        write_atomic(executed, execute)
         run.executed = str(executed)
         from labkit.notebook import read_metrics
 
@@ -236,7 +344,7 @@ def run_notebook(
             _render_html(executed, html_path)
             run.html = str(html_path)
     except Exception as err:
-        error = error or _describe_error(err)
+        error = error or describe_error(err)
     run.seconds = time.perf_counter() - start
     if error is not None:
         run.status, run.error = "failed", error
@@ -252,40 +360,73 @@ def run_notebooks(
     *,
     notebook_dir: str | os.PathLike | None = None,
     out_dir: str | os.PathLike = "build",
-    full: bool = False,
-    device: str = "cpu",
-    seed: int = 0,
+    full: bool | None = None,
+    device: str | None = None,
+    seed: int | None = None,
     jobs: int = 1,
     timeout: float | None = None,
     kernel: str = KERNEL_NAME,
     html: bool = True,
     progress: bool = True,
+    parameters: Mapping[str, Any] | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> list[NotebookRun]:
     """Run the selected notebooks (all by default), ``jobs`` at a time; keep going on failure.
 
+    Args:
+        full, device, seed: the ``--full``, ``--device``, ``--seed`` flags (``None``: not given;
+            quick mode, ``"cpu"``, seed 0 unless ``parameters`` set them).
+        parameters: parameters for every run, like papermill's ``-p NAME VALUE``; one that a
+            flag also sets raises ``ValueError`` (see :func:`resolve_parameters`).
+        seeds: run every notebook once per seed (parameter ``seed``), publishing each run
+            into ``out_dir/notebooks/seedN/`` and ``out_dir/html/seedN/``; the progress bar
+            counts every run.
+
     Returns:
-        One :class:`NotebookRun` per notebook, in notebook order.
+        One :class:`NotebookRun` per run (its ``seed`` set), in notebook order, then seed order.
     """
     from tqdm.auto import tqdm
 
     if jobs < 1:
         raise ValueError(f"jobs: expected a positive int, got {jobs}")
+    values, seed_list = resolve_parameters(
+        parameters, full=full, device=device, seed=seed, seeds=seeds
+    )
     paths = select(discover(notebook_dir), names)
     kernel = ensure_kernel(kernel)
-    options = {
-        "quick": not full,
-        "device": device,
-        "seed": seed,
+    options: dict[str, Any] = {
+        "quick": values["quick"],
+        "device": values["device"],
+        "seed": values["seed"],
         "kernel": kernel,
         "timeout": timeout,
         "html": html,
     }
-    results: dict[Path, NotebookRun] = {}
-    bar = tqdm(total=len(paths), desc="notebooks", unit="nb", disable=not progress)
-    if jobs == 1 or len(paths) <= 1:
-        for p in paths:
-            bar.set_postfix_str(p.stem)
-            results[p] = run_notebook(p, out_dir, progress=progress, **options)
+    extra = {k: v for k, v in values.items() if k not in STANDARD_PARAMETERS}
+    if extra:
+        options["parameters"] = extra
+    # One task per run: (notebook, seed, run_notebook options).
+    if seed_list is None:
+        tasks = [(p, values["seed"], options) for p in paths]
+    else:
+        tasks = [
+            (p, s, {**options, "seed": s, "subdir": f"seed{s}"}) for p in paths for s in seed_list
+        ]
+
+    def label(p: Path, s: int) -> str:
+        return p.stem if seed_list is None else f"{p.stem} seed {s}"
+
+    results: dict[tuple[Path, int], NotebookRun] = {}
+    bar = tqdm(
+        total=len(tasks),
+        desc="notebooks" if seed_list is None else "runs",
+        unit="nb" if seed_list is None else "run",
+        disable=not progress,
+    )
+    if jobs == 1 or len(tasks) <= 1:
+        for p, s, opts in tasks:
+            bar.set_postfix_str(label(p, s))
+            results[p, s] = run_notebook(p, out_dir, progress=progress, **opts)
             bar.update()
     else:
         # Kernels are separate processes, so several notebooks share the cores; keep each
@@ -293,17 +434,24 @@ def run_notebooks(
         if "OMP_NUM_THREADS" not in os.environ:
             os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
         with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-            futures = {pool.submit(_run_in_worker, str(p), str(out_dir), options): p for p in paths}
+            futures = {
+                pool.submit(_run_in_worker, str(p), str(out_dir), opts): (p, s)
+                for p, s, opts in tasks
+            }
             for fut in as_completed(futures):
-                p = futures[fut]
+                p, s = futures[fut]
                 try:
-                    results[p] = fut.result()
+                    results[p, s] = fut.result()
                 except Exception as err:  # the worker itself died
-                    results[p] = NotebookRun(p.name, "failed", 0.0, error=_describe_error(err))
-                bar.set_postfix_str(p.stem)
+                    error = describe_error(err)
+                    results[p, s] = NotebookRun(p.name, "failed", 0.0, error=error, seed=s)
+                bar.set_postfix_str(label(p, s))
                 bar.update()
     bar.close()
-    return [results[p] for p in paths]
+    runs = [results[p, s] for p, s, _ in tasks]
+    for run, (_, s, _) in zip(runs, tasks, strict=True):
+        run.seed = s
+    return runs
 
 
 def _fmt_value(value: Any) -> str:
@@ -331,8 +479,159 @@ def format_summary(runs: Sequence[NotebookRun]) -> str:
     return "\n".join(lines)
 
 
+class _Failed:
+    """Type of :data:`FAILED`."""
+
+    def __repr__(self) -> str:
+        return "FAILED"
+
+
+FAILED: Any = _Failed()  # a MetricRow value for a run that failed
+
+
+@dataclass
+class MetricRow:
+    """One metric of one notebook across seeds.
+
+    ``values[seed]`` is the value that seed's run recorded, or :data:`FAILED` when that run
+    failed; a seed whose run succeeded without recording the metric is absent. ``mean`` and
+    ``std`` (sample std, ddof=1) are over the successful runs' values, ``None`` when some value is
+    not a number (bools, strings, lists), when there is none, and for ``std`` with one value;
+    ``n`` counts those values. A notebook that recorded nothing has one row with ``metric ""``.
+    """
+
+    notebook: str
+    metric: str
+    values: dict[int, Any]
+    mean: float | None = None
+    std: float | None = None
+    n: int = 0
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def metrics_table(runs: Sequence[NotebookRun]) -> tuple[list[int], list[MetricRow]]:
+    """Every recorded metric of every notebook, one value per seed, with mean and std.
+
+    Returns:
+        ``(seeds, rows)``: the seeds in the order the runs have them, and the
+        :class:`MetricRow` s in notebook order, each notebook's metrics in recording order.
+    """
+    seeds = list(dict.fromkeys(r.seed for r in runs))
+    by_notebook: dict[str, dict[Any, NotebookRun]] = {}
+    for r in runs:
+        by_notebook.setdefault(r.name, {})[r.seed] = r
+    rows = []
+    for notebook, per_seed in by_notebook.items():
+        names = dict.fromkeys(m for r in per_seed.values() if r.ok for m in r.metrics)
+        for metric in names or [""]:
+            values = {}
+            for seed, r in per_seed.items():
+                if not r.ok:
+                    values[seed] = FAILED
+                elif metric in r.metrics:
+                    values[seed] = r.metrics[metric]
+            present = [v for v in values.values() if v is not FAILED]
+            row = MetricRow(notebook, metric, values, n=len(present))
+            if present and all(_is_number(v) for v in present):
+                row.mean = statistics.fmean(present)
+                if len(present) > 1:
+                    row.std = statistics.stdev(float(v) for v in present)
+            rows.append(row)
+    return seeds, rows
+
+
+def _seed_column(seed: Any) -> str:
+    return f"seed{seed}"
+
+
+def format_metrics_table(runs: Sequence[NotebookRun]) -> str:
+    """A fixed-width table of :func:`metrics_table`: notebook, metric, one column per seed,
+    ``mean ± std`` and ``n``, then one line per failed run and a count of runs.
+
+    A failed run shows as ``failed``, a metric a run did not record as ``-``, the std of a
+    single value as ``-``; non-numeric metrics have an empty ``mean ± std``.
+    """
+    seeds, rows = metrics_table(runs)
+    header = ["notebook", "metric", *(_seed_column(s) for s in seeds), "mean ± std", "n"]
+    table = [header]
+    previous = None
+    for row in rows:
+        cells = [row.notebook if row.notebook != previous else "", row.metric or "-"]
+        previous = row.notebook
+        for seed in seeds:
+            if seed not in row.values:
+                cells.append("-")
+            elif row.values[seed] is FAILED:
+                cells.append("failed")
+            else:
+                cells.append(_fmt_value(row.values[seed]))
+        if row.mean is None:
+            cells.append("")
+        else:
+            std = "-" if row.std is None else f"{row.std:.4g}"
+            cells.append(f"{row.mean:.4g} ± {std}")
+        cells.append(str(row.n))
+        table.append(cells)
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+
+    def fmt(cells: list[str]) -> str:
+        *left, n = cells
+        text = "  ".join(f"{c:<{w}}" for c, w in zip(left, widths, strict=False))
+        return f"{text}  {n:>{widths[-1]}}"
+
+    lines = [fmt(header), "-" * len(fmt(header))]
+    lines += [fmt(cells) for cells in table[1:]]
+    failed = [r for r in runs if not r.ok]
+    for r in failed:
+        reason = (r.error or "failed").splitlines()[0]
+        lines.append(f"FAILED {r.name} {_seed_column(r.seed)}: {reason}")
+    notebooks = len({r.name for r in runs})
+    lines.append(
+        f"{len(runs)} run(s) of {notebooks} notebook(s) x {len(seeds)} seed(s), "
+        f"{len(failed)} failed"
+    )
+    return "\n".join(lines)
+
+
+def _csv_value(value: Any) -> str:
+    if value is FAILED:
+        return "failed"
+    if isinstance(value, str):
+        return value
+    if _is_number(value):
+        return repr(value)
+    return json.dumps(value)
+
+
+def metrics_csv(runs: Sequence[NotebookRun]) -> str:
+    """:func:`metrics_table` as CSV text.
+
+    Columns: ``notebook, metric, seedN...`` (one per seed), ``mean, std, n``. A failed run's
+    cell reads ``failed``, a metric the run did not record is empty; numbers are written in
+    full precision, strings as they are, other values as JSON. ``mean`` and ``std`` are empty
+    for non-numeric metrics, ``std`` also for a single value.
+    """
+    seeds, rows = metrics_table(runs)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["notebook", "metric", *(_seed_column(s) for s in seeds), "mean", "std", "n"])
+    for row in rows:
+        values = [_csv_value(row.values[s]) if s in row.values else "" for s in seeds]
+        mean = "" if row.mean is None else repr(row.mean)
+        std = "" if row.std is None else repr(row.std)
+        writer.writerow([row.notebook, row.metric, *values, mean, std, row.n])
+    return buffer.getvalue()
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     try:
+        parameters = parse_parameters(args.parameters)
+        values, seeds = resolve_parameters(
+            parameters, full=args.full, device=args.device, seed=args.seed, seeds=args.seeds
+        )
         runs = run_notebooks(
             args.names,
             notebook_dir=args.notebook_dir,
@@ -345,22 +644,42 @@ def _cmd_run(args: argparse.Namespace) -> int:
             kernel=args.kernel,
             html=not args.no_html,
             progress=not args.no_progress,
+            parameters=parameters,
+            seeds=seeds,
         )
     except (ValueError, FileNotFoundError) as err:
         print(f"labkit notebooks run: {err}", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    summary = {"mode": "full" if args.full else "quick", "runs": [asdict(r) for r in runs]}
-    _write_atomic(
+    summary: dict[str, Any] = {"mode": "quick" if values["quick"] else "full"}
+    if parameters:
+        summary["parameters"] = parameters
+    if seeds is not None:
+        summary["seeds"] = seeds
+    summary["runs"] = [asdict(r) for r in runs]
+    write_atomic(
         out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=1) + "\n")
     )
-    print(format_summary(runs))
     failed = [r for r in runs if not r.ok]
+    if seeds is None:
+        print(format_summary(runs))
+        for r in failed:
+            print(f"\n{r.name} failed ({r.executed or 'no output'}):\n{r.error}", file=sys.stderr)
+        if runs and not failed:
+            print(f"executed notebooks in {out / 'notebooks'}, HTML in {out / 'html'}")
+        return 1 if failed else 0
+
+    csv_path = out / "metrics.csv"
+    text = metrics_csv(runs)
+    write_atomic(csv_path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    print(format_metrics_table(runs))
     for r in failed:
-        print(f"\n{r.name} failed ({r.executed or 'no output'}):\n{r.error}", file=sys.stderr)
+        where = r.executed or "no output"
+        print(f"\n{r.name} seed {r.seed} failed ({where}):\n{r.error}", file=sys.stderr)
     if runs and not failed:
-        print(f"executed notebooks in {out / 'notebooks'}, HTML in {out / 'html'}")
+        print(f"executed notebooks in {out / 'notebooks'}/seedN, HTML in {out / 'html'}/seedN")
+    print(f"metrics per seed in {csv_path}")
     return 1 if failed else 0
 
 
@@ -392,15 +711,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         parents=[common],
         help="execute notebooks with papermill into build/",
         description="Execute numbered notebooks with papermill (quick mode on the CPU unless "
-        "--full / --device); write executed copies to OUT/notebooks, HTML to OUT/html, and "
-        "print each notebook's recorded metrics. Exits 1 if any notebook failed.",
+        "--full / --device / -p); write executed copies to OUT/notebooks, HTML to OUT/html, and "
+        "print each notebook's recorded metrics. With --seeds, run each notebook once per seed "
+        "into OUT/notebooks/seedN and OUT/html/seedN, and print and write to OUT/metrics.csv "
+        "every metric per seed with its mean ± std. Exits 1 if any run failed.",
     )
     run.add_argument("names", nargs="*", help="notebooks to run: prefixes like 01 or full names")
-    run.add_argument("--full", action="store_true", help="full mode (quick = False)")
     run.add_argument(
-        "--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu, as baselines)"
+        "--full", action="store_true", default=None, help="full mode (parameter quick = False)"
     )
-    run.add_argument("--seed", type=int, default=0, help="seed parameter (default: 0)")
+    run.add_argument(
+        "--device",
+        default=None,
+        help="device parameter: cpu, cuda, cuda:N or auto (default: cpu, as baselines)",
+    )
+    run.add_argument("--seed", type=int, default=None, help="seed parameter (default: 0)")
+    run.add_argument(
+        "-p",
+        "--parameter",
+        nargs=2,
+        action="append",
+        dest="parameters",
+        metavar=("NAME", "VALUE"),
+        help="set a notebook parameter for every run, as papermill does (repeatable; VALUE "
+        "True/False/None, an int or a float, else a string): -p quick False -p device cuda",
+    )
+    run.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=None,
+        metavar="SEED",
+        help="run every notebook once per seed and summarize the metrics across seeds "
+        "(put notebook names before this option)",
+    )
     run.add_argument("--jobs", "-j", type=int, default=1, help="notebooks run in parallel")
     run.add_argument("--out", default="build", help="output folder (default: build)")
     run.add_argument(

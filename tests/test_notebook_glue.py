@@ -87,7 +87,7 @@ def _notebook_with(outputs_per_cell):
 
 def test_record_in_ipython_displays_bundle_read_back(monkeypatch, tmp_path):
     shown = []
-    monkeypatch.setattr(nb, "_in_ipython", lambda: True)
+    monkeypatch.setattr(nb, "in_ipython", lambda: True)
     monkeypatch.setattr("IPython.display.display", lambda obj, raw=False: shown.append((obj, raw)))
     nb.record("num_anchors", 182403)
     nb.record("ap", 0.25)
@@ -142,7 +142,7 @@ def test_show_source_highlighted_in_ipython(monkeypatch):
     from IPython.display import Code
 
     shown = []
-    monkeypatch.setattr(nb, "_in_ipython", lambda: True)
+    monkeypatch.setattr(nb, "in_ipython", lambda: True)
     monkeypatch.setattr("IPython.display.display", lambda obj: shown.append(obj))
     nb.show_source(nb.pick)
     assert isinstance(shown[0], Code)

@@ -210,7 +210,7 @@ def test_interrupted_write_keeps_the_old_output(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        runner._write_atomic(final, partial_then_interrupt)
+        runner.write_atomic(final, partial_then_interrupt)
     assert final.read_text() == "OLD"
     assert [p.name for p in final.parent.iterdir()] == ["a.ipynb"]
 

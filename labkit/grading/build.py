@@ -161,9 +161,9 @@ def _sha256(text: str) -> str:
 
 
 def _write(path: Path, text: str) -> None:
-    from labkit.run_notebooks import _write_atomic
+    from labkit.files import write_atomic
 
-    _write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _student_readme(entries: list[dict]) -> str:

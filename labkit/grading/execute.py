@@ -30,7 +30,7 @@ def execute(
     from papermill.exceptions import PapermillExecutionError
 
     from labkit.notebook import HEADLESS_ENV
-    from labkit.run_notebooks import _describe_error, execute_notebook
+    from labkit.run_notebooks import describe_error, execute_notebook
 
     os.environ.pop("MPLBACKEND", None)  # inline plots in the kernel, as run_notebooks does
     os.environ[HEADLESS_ENV] = "1"  # explorers draw once instead of opening widgets
@@ -55,7 +55,7 @@ def execute(
     except PapermillExecutionError:
         return None  # errors inside cells are results; the notebook ran to the end
     except Exception as err:  # the kernel died, could not start three times, ...
-        return _describe_error(err)
+        return describe_error(err)
     return None
 
 

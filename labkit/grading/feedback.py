@@ -365,9 +365,9 @@ def _run_case(student_fn: Callable, case: Case, tolerances: dict) -> CaseResult:
 
 def _show(result: CheckResult, failed: bool) -> None:
     """In a notebook: a machine-readable bundle for the grader plus the report for the student."""
-    from labkit.notebook import _in_ipython
+    from labkit.notebook import in_ipython
 
-    if not _in_ipython():
+    if not in_ipython():
         return
     from IPython.display import display
 

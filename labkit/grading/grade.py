@@ -541,7 +541,8 @@ def grade_submissions(
     Returns:
         One :class:`StudentGrades` per student, sorted by name.
     """
-    from labkit.run_notebooks import _write_atomic, ensure_kernel
+    from labkit.files import write_atomic
+    from labkit.run_notebooks import ensure_kernel
 
     sub_dir = Path(submissions_dir)
     if not sub_dir.is_dir():
@@ -580,12 +581,12 @@ def grade_submissions(
     by_task = dict(zip(tasks, results, strict=True))
     grades = [StudentGrades(s, [by_task[(s, p)] for p, _ in sources]) for s in students]
     named_sources = [(p.name, nb) for p, nb in sources]
-    _write_atomic(
+    write_atomic(
         out_csv, lambda tmp: tmp.write_text(format_csv(grades, named_sources), encoding="utf-8")
     )
     for g in grades:
         text = format_feedback(g)
-        _write_atomic(
+        write_atomic(
             feedback / f"{g.student}.md", lambda tmp, t=text: tmp.write_text(t, encoding="utf-8")
         )
     return grades
