@@ -29,12 +29,11 @@ from collections.abc import Callable
 import torch
 
 from benchmarks._common import describe_device, peak_memory_mb, print_table, time_side_by_side
-from labkit.codetr.co_detr import co_deformable_detr
 from labkit.data.collate import collate
 from labkit.data.shapes import shapes_dataset
 from labkit.data.transforms import test_transforms
-from labkit.detr.deformable_detr import deformable_detr
 from labkit.engine.train import build_optimizer
+from labkit.recipes import co_deformable_detr, deformable_detr
 
 AUX_SETTINGS = [(), ("atss",), ("faster_rcnn",), ("atss", "faster_rcnn")]
 
@@ -54,9 +53,9 @@ def _to(batch: dict, device: torch.device) -> dict:
 
 def make_step(model, batch: dict, device: torch.device, amp: bool):
     """One optimizer step of ``model`` on ``batch`` (Co-DETR's AdamW, grad clip 0.1)."""
-    from labkit.codetr.co_detr import train_config
+    from labkit.recipes import schedule
 
-    optimizer = build_optimizer(model, train_config())
+    optimizer = build_optimizer(model, schedule("co_deformable_detr"))
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -72,9 +71,9 @@ def make_step(model, batch: dict, device: torch.device, amp: bool):
 
 def accuracy(args, device: torch.device, size: int, backbone: str, queries: int, amp: bool):
     """Train each ``args.aux`` configuration for ``args.accuracy`` steps; print COCO AP."""
-    from labkit.codetr.analysis import train_and_evaluate
-    from labkit.codetr.co_detr import train_config
     from labkit.data.collate import make_loader
+    from labkit.lessons.training import train_and_evaluate
+    from labkit.recipes import schedule
 
     transforms = test_transforms(scale=(size, size))
     train_set = shapes_dataset("train", transforms=transforms)
@@ -86,7 +85,8 @@ def accuracy(args, device: torch.device, size: int, backbone: str, queries: int,
         model = co_deformable_detr(
             train_set.num_classes, aux=aux, backbone=backbone, num_queries=queries
         )
-        config = train_config(
+        config = schedule(
+            "co_deformable_detr",
             max_iters=args.accuracy, lr=args.lr, milestones=(), progress=True,
             log_every=50, eval_every=10**6, amp=amp,
         )  # fmt: skip

@@ -17,7 +17,7 @@ import argparse
 import torch
 
 from benchmarks._common import describe_device, print_table
-from labkit.detr.profile import (
+from labkit.lessons.attention_cost import (
     ENCODER_SHAPES,
     deformable_call,
     deformable_problem,

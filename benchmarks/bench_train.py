@@ -11,7 +11,7 @@ Two tables, every detector measured in the same run:
    ``--epochs`` on the shapes train split, then COCO AP on the val split
    (``labkit.engine.evaluate``).
 
-The detectors are ``labkit.models.RECIPES`` when that module exists (every recipe that accepts
+The detectors are ``labkit.recipes.RECIPES`` (every recipe that accepts
 ``backbone=``), else RetinaNet, ATSS and PAA. ``--quick`` is the CPU setting: tiny backbone,
 320 px images, 64 train / 32 val images, 2 epochs. Such a schedule is far too short for
 meaningful AP (mmdetection trains 12 epochs on 118k images from pretrained weights): the
@@ -38,17 +38,10 @@ from labkit.engine.train import train
 
 
 def detector_recipes() -> dict:
-    """``name -> recipe(num_classes, backbone=...)``: the lead's registry if present, else ours."""
-    try:
-        from labkit.models import RECIPES
+    """``name -> recipe(num_classes, backbone=...)`` for every recipe in ``labkit.recipes``."""
+    from labkit.recipes import RECIPES
 
-        return dict(RECIPES)
-    except ImportError:
-        from labkit.heads.atss import atss
-        from labkit.heads.paa import paa
-        from labkit.heads.retina import retinanet
-
-        return {"retinanet": retinanet, "atss": atss, "paa": paa}
+    return {name: r.build for name, r in RECIPES.items()}
 
 
 def build(recipe, num_classes: int, backbone: str):

@@ -23,10 +23,9 @@ import torch
 
 from benchmarks._common import describe_device, peak_memory_mb, print_table, time_call
 from labkit.assigners import RandomSampler
-from labkit.heads.faster_rcnn import faster_rcnn
-from labkit.heads.retina import retinanet
 from labkit.heads.roi_extractor import RoIExtractor
 from labkit.heads.rpn import RPNHead
+from labkit.recipes import faster_rcnn, retinanet
 
 
 def random_boxes(n: int, size: int, generator: torch.Generator) -> torch.Tensor:

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from labkit.codetr.co_detr import CoDETR, co_deformable_detr
 from labkit.codetr.positive_queries import (
     PositiveQueryEmbedding,
     group_size,
@@ -15,10 +14,11 @@ from labkit.codetr.positive_queries import (
     pad_positives,
     padding_attn_mask,
 )
+from labkit.codetr.positives import AuxPositives
 from labkit.data import collate
-from labkit.detr.deformable_detr import deformable_detr
+from labkit.detectors.co_detr import CoDETR
 from labkit.detr.positional_encoding import proposal_pos_embed
-from labkit.heads.aux_positives import AuxPositives
+from labkit.recipes import co_deformable_detr, deformable_detr
 
 NUM_CLASSES = 3
 AUX_PATHS = [(), ("atss",), ("faster_rcnn",), ("atss", "faster_rcnn")]
@@ -95,8 +95,8 @@ def test_every_aux_path_trains_and_predicts(aux):
 
 def test_positives_per_path_are_real_positives():
     batch = make_batch()
-    out = tiny().loss(batch, return_positives=True)
-    (rcnn_pos, rcnn_q), (atss_pos, atss_q) = out["positives"]
+    _, groups = tiny().loss_and_targets(batch)
+    (rcnn_pos, rcnn_q), (atss_pos, atss_q) = groups
     for pos in (rcnn_pos, atss_pos):
         assert pos.num_images == 2 and pos.feats is not None
         for i in range(2):
@@ -108,6 +108,11 @@ def test_positives_per_path_are_real_positives():
     # one-to-many: ATSS gives several positives per object (topk 9 per level candidate pool)
     assert all(n >= 2 for n in atss_pos.num_positives)
     assert atss_q.num_queries == max(9, max(atss_pos.num_positives))
+
+
+def _img_and_mask(model, batch):
+    batch = model.inputs(batch)
+    return batch["img"], batch["padding_mask"]
 
 
 # ----------------------------------------------------------------------- positive queries
@@ -192,7 +197,7 @@ def test_padding_does_not_change_the_real_queries():
     batch = make_batch()
     model = tiny(("atss",)).eval()
     with torch.no_grad():
-        out = model(*model._inputs(batch))
+        out = model(*_img_and_mask(model, batch))
         _, positives = model.aux_heads[0](
             model.memory_maps(out), batch["gt_bboxes"], batch["gt_labels"], batch["img_metas"]
         )
@@ -280,7 +285,7 @@ def test_look_forward_twice_lets_the_next_layer_train_the_box_head():
     for twice, expect_grad in ((True, True), (False, False)):
         model = tiny(())
         model.decoder.look_forward_twice = twice
-        out = model(*model._inputs(batch))
+        out = model(*_img_and_mask(model, batch))
         out["all_bbox_preds"][1].sum().backward()  # only the second layer's boxes
         grad = model.reg_branches[0][-1].weight.grad  # the zero-initialised last FC
         assert (grad is not None and grad.abs().sum() > 0) == expect_grad
@@ -288,7 +293,7 @@ def test_look_forward_twice_lets_the_next_layer_train_the_box_head():
 
 # ----------------------------------------------------------------------- notebook analysis
 def test_positives_per_layer_and_auc_hand_cases():
-    from labkit.codetr.analysis import _auc, positives_per_layer
+    from labkit.lessons.codetr_analysis import _auc, positives_per_layer
 
     counts = positives_per_layer(5, {"atss": 40, "rcnn": 12}, num_layers=3)
     assert counts == {"hungarian": [5, 5, 5], "atss": [40, 40, 40], "rcnn": [12, 12, 12]}
@@ -299,7 +304,7 @@ def test_positives_per_layer_and_auc_hand_cases():
 
 
 def test_one_to_one_positives_and_encoder_probe_run_on_a_batch():
-    from labkit.codetr.analysis import encoder_separability, one_to_one_positives
+    from labkit.lessons.codetr_analysis import encoder_separability, one_to_one_positives
 
     batch = make_batch()
     model = tiny(("atss",))

@@ -11,10 +11,10 @@ import torch
 import torch.multiprocessing as mp
 from torch.utils.data import DataLoader
 
-from labkit.codetr.co_detr import co_deformable_detr, train_config
 from labkit.data import collate
 from labkit.engine import distributed as dist_utils
 from labkit.engine.train import build_optimizer, train
+from labkit.recipes import RECIPES, co_deformable_detr, schedule
 from labkit.viz import plot_loss_curves
 from tests.test_codetr import NUM_CLASSES, make_batch
 
@@ -44,8 +44,8 @@ def model(aux=("atss", "faster_rcnn")):
     return co_deformable_detr(NUM_CLASSES, aux=aux, backbone="tiny", num_queries=20)
 
 
-def test_train_config_is_co_detrs_optimisation():
-    cfg = train_config()
+def test_schedule_is_co_detrs_optimisation():
+    cfg = schedule("co_deformable_detr")
     assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.max_norm) == ("adamw", 2e-4, 1e-4, 0.1)
     assert (cfg.epochs, cfg.milestones, cfg.warmup_iters) == (12, (11,), 0)
     net = model()
@@ -63,7 +63,11 @@ def test_train_config_is_co_detrs_optimisation():
 def test_overfit_two_images_loss_drops():
     loader = DataLoader(items(2), batch_size=2, collate_fn=collate)
     net = model(("atss",))
-    hist = train(net, loader, train_config(max_iters=12, lr=1e-3, progress=False, log_every=1))
+    hist = train(
+        net,
+        loader,
+        schedule("co_deformable_detr", max_iters=12, lr=1e-3, progress=False, log_every=1),
+    )
     losses = [r["loss"] for r in hist.train]
     assert losses[-1] < 0.7 * losses[0], losses
     for key in ("loss_cls", "loss_cls_aux0", "loss_cls0"):  # query head, aux queries, ATSS
@@ -77,13 +81,21 @@ def test_resume_gives_bit_identical_next_losses(tmp_path):
         return DataLoader(items(4), batch_size=1, shuffle=True, generator=g, collate_fn=collate)
 
     cfg = dict(max_iters=4, progress=False, log_every=1, checkpoint_every=1)
-    full = train(model(), loader(), train_config(**cfg), device="cpu")
+    full = train(model(), loader(), schedule("co_deformable_detr", **cfg), device="cpu")
     first = train(
-        model(), loader(), train_config(**{**cfg, "max_iters": 2}), work_dir=tmp_path / "w"
+        model(),
+        loader(),
+        schedule("co_deformable_detr", **{**cfg, "max_iters": 2}),
+        work_dir=tmp_path / "w",
     )
     torch.manual_seed(123)  # resume must restore every RNG, whatever happened in between
     resumed = train(
-        model(), loader(), train_config(**cfg), work_dir=tmp_path / "w", resume=True, device="cpu"
+        model(),
+        loader(),
+        schedule("co_deformable_detr", **cfg),
+        work_dir=tmp_path / "w",
+        resume=True,
+        device="cpu",
     )
     assert [r["loss"] for r in first.train] == [r["loss"] for r in full.train[:2]]
     assert len(resumed.train) == 4
@@ -114,7 +126,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         net = model()
         loader = DataLoader(items(4), batch_size=1, collate_fn=collate)
         # every parameter gets a gradient each step, so DDP runs without find_unused_parameters
-        hist = train(net, loader, train_config(max_iters=2, progress=False, log_every=1))
+        hist = train(
+            net, loader, schedule("co_deformable_detr", max_iters=2, progress=False, log_every=1)
+        )
         torch.save(
             {"params": net.state_dict(), "losses": [r["loss"] for r in hist.train]},
             os.path.join(out_dir, f"rank{rank}.pt"),
@@ -134,16 +148,19 @@ def test_two_process_ddp_keeps_ranks_in_sync(tmp_path, free_port):
 
 
 @pytest.mark.slow
-def test_cli_trains_co_detr_with_its_own_schedule(tmp_path):
+@pytest.mark.parametrize("name", ["deformable_detr", "co_deformable_detr"])
+def test_cli_trains_detrs_with_their_own_schedule(tmp_path, name):
     import argparse
 
     from labkit.engine.cli import register
 
     parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(), {"co_deformable_detr": co_deformable_detr})
+    register(parser.add_subparsers(), {name: RECIPES[name]})
+    model_args = ["--model-arg", "backbone='tiny'", "--model-arg", "num_queries=10"]
+    if name == "co_deformable_detr":
+        model_args += ["--model-arg", "aux=('atss',)"]
     args = parser.parse_args(
-        ["train", "--model", "co_deformable_detr", "--model-arg", "backbone='tiny'"]
-        + ["--model-arg", "aux=('atss',)", "--model-arg", "num_queries=10", "--max-iters", "1"]
+        ["train", "--model", name, *model_args, "--max-iters", "1"]
         + ["--image-size", "96", "--no-eval", "--no-progress", "--work-dir", str(tmp_path)]
     )
     assert args.func(args) == 0
@@ -155,8 +172,13 @@ def test_cli_trains_co_detr_with_its_own_schedule(tmp_path):
         0.1,
         1e-4,
     )
+    assert cfg["warmup_iters"] == 0
     assert cfg["lr_mult"] == {"backbone": 0.1, "sampling_offsets": 0.1, "reference_points": 0.1}
-    assert ckpt["recipe"]["kwargs"]["aux"] == ("atss",)
+    assert (cfg["epochs"], tuple(cfg["milestones"])) == (
+        (50, (40,)) if name == "deformable_detr" else (12, (11,))
+    )
+    if name == "co_deformable_detr":
+        assert ckpt["recipe"]["kwargs"]["aux"] == ("atss",)
 
 
 def test_gradient_accumulation_and_amp_request_through_co_detr():
@@ -165,7 +187,9 @@ def test_gradient_accumulation_and_amp_request_through_co_detr():
     before = net.aux_heads[0].head.atss_cls.weight.detach().clone()
     with pytest.warns(UserWarning, match="amp"):  # bf16 autocast acts on CUDA only
         hist = train(
-            net, loader, train_config(max_iters=1, accum_steps=2, amp=True, progress=False)
+            net,
+            loader,
+            schedule("co_deformable_detr", max_iters=1, accum_steps=2, amp=True, progress=False),
         )
     assert len(hist.train) == 1 and "loss_cls_aux0" in hist.train[0]
     assert hist.train[0]["grad_norm"] > 0

@@ -5,20 +5,22 @@ import math
 import pytest
 import torch
 
+from labkit.detectors.deformable_detr import DeformableDETR, gen_encoder_output_proposals
 from labkit.detr.criterion import DETRCriterion
-from labkit.detr.deformable_detr import (
-    DeformableDETR,
-    deformable_detr,
-    gen_encoder_output_proposals,
-    param_groups,
-    train_config,
-)
 from labkit.detr.positional_encoding import SinePositionalEncoding, proposal_pos_embed
 from labkit.detr.transformer import (
     encoder_reference_points,
     inverse_sigmoid,
     valid_ratios_from_mask,
 )
+from labkit.engine.train import build_optimizer
+from labkit.recipes import deformable_detr, schedule
+
+
+def param_groups(model, lr=2e-4):
+    """The optimizer's groups under Deformable-DETR's schedule at base ``lr``."""
+    return build_optimizer(model, schedule("deformable_detr", lr=lr)).param_groups
+
 
 PATHS = [  # (two_stage, with_box_refine, mixed_selection)
     (False, False, False),
@@ -291,7 +293,7 @@ def test_param_groups_and_train_config():
     assert all("sampling_offsets" in n for n in groups["sampling_offsets"]["param_names"])
     one = _tiny(two_stage=False)
     assert "reference_points" in {g["name"] for g in param_groups(one)}
-    cfg = train_config(epochs=2)
+    cfg = schedule("deformable_detr", epochs=2)
     assert cfg.optimizer == "adamw" and cfg.max_norm == 0.1 and cfg.lr == 2e-4 and cfg.epochs == 2
     assert model.recipe[0] == "deformable_detr" and model.recipe[1]["backbone"] == "tiny"
 
@@ -312,7 +314,7 @@ def test_loss_rejects_bad_ground_truth():
 def test_overfit_two_images():
     model = _tiny(two_stage=True, refine=True)
     batch = _batch()
-    opt = torch.optim.AdamW(param_groups(model, 1e-3), weight_decay=1e-4)
+    opt = build_optimizer(model, schedule("deformable_detr", lr=1e-3))
     first = None
     for _ in range(80):
         losses = model.loss(batch)

@@ -8,9 +8,11 @@ from toy_batches import solid_box_batch
 
 from labkit.assigners import RandomSampler
 from labkit.boxes import bbox_overlaps
+from labkit.codetr.aux_heads import codetr_faster_rcnn_head, roi_positives
+from labkit.detectors.two_stage import TwoStageDetector
 from labkit.engine.train import parse_losses
-from labkit.heads.faster_rcnn import TwoStageDetector, codetr_faster_rcnn_head, faster_rcnn
 from labkit.losses import GIoULoss
+from labkit.recipes import faster_rcnn
 
 SIZE = 128
 
@@ -59,7 +61,8 @@ def test_detector_interface_and_recipe():
     expected = sum(v for k, v in losses.items() if k != "acc")
     torch.testing.assert_close(total, expected)
     assert "acc" in logged
-    losses, positives = model.loss_and_positives(batch)
+    losses, targets = model.loss_and_targets(batch)
+    positives = roi_positives(targets.roi)
     assert positives.num_images == 2 and min(positives.num_positives) >= 2  # GTs added as proposals
     model.eval()
     out = model.predict(batch)
@@ -81,7 +84,8 @@ def test_empty_gt_batch_trains():
     batch = two_images()
     batch["gt_bboxes"] = [torch.zeros(0, 4), torch.zeros(0, 4)]
     batch["gt_labels"] = [torch.zeros(0, dtype=torch.long)] * 2
-    losses, positives = model.loss_and_positives(batch)
+    losses, targets = model.loss_and_targets(batch)
+    positives = roi_positives(targets.roi)
     assert all(torch.isfinite(v) for v in losses.values())
     assert float(losses["loss_rpn_bbox"].detach()) == 0.0
     assert float(losses["loss_bbox"].detach()) == 0.0
@@ -117,7 +121,8 @@ def test_codetr_head_runs_on_any_maps_with_scaled_losses():
         torch.manual_seed(0)
         head = codetr_faster_rcnn_head(5, 32, loss_scale=scale, fc_out_channels=64)
         torch.manual_seed(1)
-        results[scale] = head.loss(feats, batch)
+        losses, targets = head.loss_and_targets(feats, batch)
+        results[scale] = (losses, roi_positives(targets.roi))
     rpn, roi = head.rpn_head, head.roi_head
     assert rpn.num_base_priors == 9 and rpn.train_proposal_cfg.nms_pre == 4000
     assert roi.bbox_roi_extractor.featmap_strides == [8, 16, 32, 64]

@@ -9,9 +9,10 @@ import torch
 
 from labkit.anchors import AnchorGenerator
 from labkit.boxes import DeltaXYWHBBoxCoder, bbox_overlaps
-from labkit.heads.atss import ATSSHead, atss, centerness_target
-from labkit.heads.paa import PAAHead, paa, score_voting
-from labkit.heads.retina import RetinaNetHead, retinanet
+from labkit.heads.atss import ATSSHead, centerness_target
+from labkit.heads.paa import PAAHead, score_voting
+from labkit.heads.retina import RetinaNetHead
+from labkit.recipes import atss, paa, retinanet
 
 LEVELS = [(16, 16), (8, 8), (4, 4), (2, 2), (1, 1)]
 

@@ -6,9 +6,7 @@ import pytest
 import torch
 from toy_batches import assert_detects, overfit
 
-from labkit.heads.atss import atss
-from labkit.heads.paa import paa
-from labkit.heads.retina import retinanet
+from labkit.recipes import atss, paa, retinanet
 
 
 @pytest.mark.slow

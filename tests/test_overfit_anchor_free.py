@@ -6,10 +6,7 @@ import pytest
 import torch
 from toy_batches import assert_detects, overfit
 
-from labkit.heads.fcos import fcos
-from labkit.heads.fovea import foveabox
-from labkit.heads.fsaf import fsaf
-from labkit.heads.reppoints import reppoints
+from labkit.recipes import fcos, foveabox, fsaf, reppoints
 
 
 @pytest.mark.slow

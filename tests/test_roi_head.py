@@ -7,8 +7,10 @@ import math
 import pytest
 import torch
 
+from labkit.codetr.aux_heads import roi_positives
+from labkit.heads.nms import multiclass_nms
 from labkit.heads.roi_extractor import RoIExtractor, bbox2roi, map_roi_levels
-from labkit.heads.roi_head import Shared2FCBBoxHead, StandardRoIHead, multiclass_nms
+from labkit.heads.roi_head import Shared2FCBBoxHead, StandardRoIHead
 from labkit.losses import GIoULoss
 
 STRIDES = (4, 8, 16, 32)
@@ -151,7 +153,7 @@ def test_targets_labels_background_and_class_specific_l1():
     bias = torch.ones(12)
     bias[8:12] = torch.tensor([-0.5, 0.0, 0.0, 0.0])
     zero_fcs(roi.bbox_head, bias)
-    losses, _ = roi.loss(feats_for(1), [PROPOSALS], batch_of([GT], [torch.tensor([2])]))
+    losses = roi.loss(feats_for(1), [PROPOSALS], batch_of([GT], [torch.tensor([2])]))
     torch.testing.assert_close(losses["loss_cls"], torch.tensor(math.log(4.0)))
     # |(-0.5) - 0| + |(-0.5) - (-0.5)| over 4 sampled RoIs (mmdetection's avg_factor)
     torch.testing.assert_close(losses["loss_bbox"], torch.tensor(0.5 / 4))
@@ -166,10 +168,16 @@ def test_giou_loss_on_decoded_boxes():
     res = roi.sample([PROPOSALS], [GT], [torch.tensor([2])])[0]
     _, _, bbox_targets, _ = roi.bbox_head.get_targets([res])
     torch.testing.assert_close(bbox_targets[:2], GT.expand(2, 4))  # decoded targets = GT boxes
-    losses, _ = roi.loss(feats_for(1), [PROPOSALS], batch_of([GT], [torch.tensor([2])]))
+    losses = roi.loss(feats_for(1), [PROPOSALS], batch_of([GT], [torch.tensor([2])]))
     # zero deltas decode to the RoIs: GIoU(GT, GT) = 1; proposal 0: IoU 1520/1680, enclosure = union
     giou = 1520 / 1680
     torch.testing.assert_close(losses["loss_bbox"], torch.tensor(10.0 * (1 - giou) / 4))
+
+
+def loss_and_positives(roi, feats, proposals, batch):
+    """The RoI head's losses and the positives Co-DETR takes from its targets."""
+    losses, targets = roi.loss_and_targets(feats, proposals, batch)
+    return losses, roi_positives(targets)
 
 
 def test_positives_equal_sampled_positive_rois_and_matched_gts():
@@ -178,7 +186,7 @@ def test_positives_equal_sampled_positive_rois_and_matched_gts():
     labels = [torch.tensor([2]), torch.tensor([0, 1])]
     feats = [f.requires_grad_() for f in feats_for(2)]
     torch.manual_seed(0)
-    losses, pos = roi.loss(feats, [PROPOSALS, PROPOSALS], batch_of(gts, labels))
+    losses, pos = loss_and_positives(roi, feats, [PROPOSALS, PROPOSALS], batch_of(gts, labels))
     assert all(torch.isfinite(v) for v in losses.values())
     torch.testing.assert_close(pos.coords[0], torch.cat([GT, PROPOSALS[:1]]))
     assert pos.labels[0].tolist() == [2, 2]
@@ -198,7 +206,7 @@ def test_positives_truncated_like_codetr_when_another_image_samples_fewer_rois()
     roi = make_roi_head()
     near = GT + torch.tensor([[1.0, 0, 1, 0], [0, 1, 0, 1], [2, 0, 2, 0]])  # 3 more positives
     batch = batch_of([GT, torch.zeros(0, 4)], [torch.tensor([1]), torch.zeros(0, dtype=torch.long)])
-    _, pos = roi.loss(feats_for(2), [near, PROPOSALS[2:]], batch)
+    _, pos = loss_and_positives(roi, feats_for(2), [near, PROPOSALS[2:]], batch)
     # image 1 samples a single RoI, so every image keeps only its first sampled RoI
     assert pos.num_positives == [1, 0]
     torch.testing.assert_close(pos.coords[0], GT)
@@ -207,19 +215,21 @@ def test_positives_truncated_like_codetr_when_another_image_samples_fewer_rois()
 def test_empty_gt_images():
     roi = make_roi_head()
     batch = batch_of([GT, torch.zeros(0, 4)], [torch.tensor([2]), torch.zeros(0, dtype=torch.long)])
-    losses, pos = roi.loss(feats_for(2), [PROPOSALS, PROPOSALS], batch)
+    losses, pos = loss_and_positives(roi, feats_for(2), [PROPOSALS, PROPOSALS], batch)
     assert all(torch.isfinite(v) for v in losses.values())
     assert pos.num_positives == [2, 0] and pos.feats[1].shape == (0, 4)
     # no GT anywhere: every RoI is background and the box loss is a zero kept in the graph
     none = batch_of([torch.zeros(0, 4)], [torch.zeros(0, dtype=torch.long)])
-    losses, pos = roi.loss(feats_for(1), [PROPOSALS], none)
+    losses, pos = loss_and_positives(roi, feats_for(1), [PROPOSALS], none)
     assert float(losses["loss_bbox"].detach()) == 0.0 and torch.isfinite(losses["loss_cls"])
     assert pos.num_positives == [0]
     sum(v for k, v in losses.items() if "loss" in k).backward()
     # no proposals: the GT added as a proposal is the only RoI; nothing at all still works
-    losses, pos = roi.loss(feats_for(1), [torch.zeros(0, 4)], batch_of([GT], [torch.tensor([1])]))
+    losses, pos = loss_and_positives(
+        roi, feats_for(1), [torch.zeros(0, 4)], batch_of([GT], [torch.tensor([1])])
+    )
     assert pos.num_positives == [1] and torch.isfinite(losses["loss_bbox"])
-    losses, pos = roi.loss(feats_for(1), [torch.zeros(0, 4)], none)
+    losses, pos = loss_and_positives(roi, feats_for(1), [torch.zeros(0, 4)], none)
     assert set(losses) == {"loss_cls", "acc", "loss_bbox"} and pos.num_positives == [0]
 
 

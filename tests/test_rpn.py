@@ -56,7 +56,7 @@ def test_targets_and_losses_hand_case():
     head = one_level_head()
     cls, reg = zeros_out(head, 2, 4, 4)
     gts = [torch.tensor([[2.0, 0.0, 34.0, 32.0]]), torch.tensor([[20.0, 20.0, 44.0, 44.0]])]
-    losses, t = head.loss_and_targets(
+    losses, t = head.loss_and_targets_by_feat(
         cls, reg, batch_gt_bboxes=gts, batch_img_metas=[meta(64, 64), meta(64, 64)]
     )
     assert t.labels[0].tolist() == [1] * 5 + [0] + [1] * 10
@@ -82,7 +82,9 @@ def test_random_sampling_caps_positives_at_half_of_256():
     gts = anchors[:200]
     cls, reg = zeros_out(head, 1, 20, 20)
     torch.manual_seed(0)
-    _, t = head.loss_and_targets(cls, reg, batch_gt_bboxes=[gts], batch_img_metas=[meta(320, 320)])
+    _, t = head.loss_and_targets_by_feat(
+        cls, reg, batch_gt_bboxes=[gts], batch_img_metas=[meta(320, 320)]
+    )
     res = t.sampling_results[0]
     assert res.pos_inds.numel() == 128 and res.neg_inds.numel() == 128
     assert int((t.label_weights[0] > 0).sum()) == 256
@@ -151,7 +153,7 @@ def test_proposals_rescale_and_default_cfgs():
     torch.testing.assert_close(out["boxes"][0], torch.tensor([4.0, 2.0, 12.0, 6.0]))
 
 
-def test_loss_and_predict_positives_are_sampled_anchors_with_real_classes():
+def test_loss_and_predict_targets_hold_the_sampled_positive_anchors():
     head = one_level_head()
     feats = [torch.randn(2, 4, 4, 4)]
     gts = [torch.tensor([[2.0, 0.0, 34.0, 32.0]]), torch.tensor([[20.0, 20.0, 44.0, 44.0]])]
@@ -160,14 +162,17 @@ def test_loss_and_predict_positives_are_sampled_anchors_with_real_classes():
         "gt_labels": [torch.tensor([7]), torch.tensor([3])],
         "img_metas": [meta(64, 64), meta(64, 64)],
     }
-    losses, proposals, pos = head.loss_and_predict(feats, batch)
+    losses, proposals, targets = head.loss_and_predict(feats, batch)
+    pos = targets.sampling_results
     assert set(losses) == {"loss_rpn_cls", "loss_rpn_bbox"}
     anchors = head.prior_generator.grid_priors([(4, 4)])[0]
-    torch.testing.assert_close(pos.coords[0], anchors[5:6])
-    torch.testing.assert_close(pos.coords[1], anchors[10:11])
-    assert pos.labels[0].tolist() == [7] and pos.labels[1].tolist() == [3]
-    torch.testing.assert_close(pos.targets[0], gts[0])
-    torch.testing.assert_close(pos.targets[1], gts[1])
+    torch.testing.assert_close(pos[0].pos_priors, anchors[5:6])
+    torch.testing.assert_close(pos[1].pos_priors, anchors[10:11])
+    assert pos[0].pos_assigned_gt_inds.tolist() == [0] and pos[1].pos_assigned_gt_inds.tolist() == [
+        0
+    ]
+    torch.testing.assert_close(pos[0].pos_gt_bboxes, gts[0])
+    torch.testing.assert_close(pos[1].pos_gt_bboxes, gts[1])
     assert len(proposals) == 2 and not proposals[0]["boxes"].requires_grad
     assert proposals[0]["boxes"].shape[0] <= 16
 
@@ -180,16 +185,18 @@ def test_empty_gt_is_valid():
         "gt_labels": [torch.zeros(0, dtype=torch.long)],
         "img_metas": [meta(64, 64)],
     }
-    losses, proposals, pos = head.loss_and_predict(feats, batch)
+    losses, proposals, targets = head.loss_and_predict(feats, batch)
     assert all(torch.isfinite(v) for v in losses.values())
     assert float(losses["loss_rpn_bbox"].detach()) == 0.0
-    assert pos.num_positives == [0]
+    assert targets.sampling_results[0].pos_inds.numel() == 0
     sum(losses.values()).backward()
     assert head.rpn_cls.weight.grad is not None
-    # class-free data (RPN only): positives report class 0
+    # class-free data (RPN only): every GT is foreground (label 0)
     gts = [torch.tensor([[8.0, 8.0, 40.0, 40.0]])]
-    _, _, pos = head.loss_and_predict(feats, {"gt_bboxes": gts, "img_metas": [meta(64, 64)]})
-    assert pos.num_positives[0] > 0 and set(pos.labels[0].tolist()) == {0}
+    _, _, targets = head.loss_and_predict(feats, {"gt_bboxes": gts, "img_metas": [meta(64, 64)]})
+    assert targets.sampling_results[0].pos_inds.numel() > 0
+    num_pos = targets.sampling_results[0].pos_inds.numel()
+    assert int((targets.labels[0] == 0).sum()) == num_pos  # positives are class 0, the rest 1
 
 
 def test_bad_input_names_the_argument():

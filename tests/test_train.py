@@ -20,6 +20,7 @@ from labkit.engine.train import (
     parse_losses,
     train,
 )
+from labkit.recipes import Recipe
 
 torch.set_num_threads(1)
 
@@ -388,11 +389,10 @@ def test_cli_train_then_eval_rebuilds_the_model_from_the_checkpoint(tmp_path, mo
 
     def tiny(num_classes, width=8):
         built.append((num_classes, width))
-        model = TinyDetector()
-        model.train_config = {"optimizer": "adamw", "lr": 1e-4, "max_norm": 1.0}
-        return model
+        return TinyDetector()
 
-    recipes = {"tiny": tiny}
+    schedule = TrainConfig(optimizer="adamw", lr=1e-4, max_norm=1.0)
+    recipes = {"tiny": Recipe("tiny", tiny, schedule, "a test recipe")}
     work = tmp_path / "run"
     argv = ["train", "--model", "tiny", "--model-arg", "width=16", "--epochs", "2", "--lr", "0.01"]
     argv += [

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from labkit.assigners.base import AssignResult
-from labkit.assigners.max_iou import _check_gt, _labels_of
+from labkit.assigners.max_iou import check_assigner_inputs, labels_from_gt_inds
 from labkit.boxes import bbox_overlaps
 
 __all__ = ["ATSSAssigner", "atss_candidates"]
@@ -93,7 +93,7 @@ class ATSSAssigner:
         Returns:
             :class:`AssignResult` of length ``N``.
         """
-        priors, gt_bboxes = _check_gt(priors, gt_bboxes, gt_labels, gt_bboxes_ignore)
+        priors, gt_bboxes = check_assigner_inputs(priors, gt_bboxes, gt_labels, gt_bboxes_ignore)
         num_level_priors = [int(n) for n in num_level_priors]
         if sum(num_level_priors) != priors.shape[0] or min(num_level_priors, default=0) < 0:
             raise ValueError(
@@ -138,7 +138,7 @@ class ATSSAssigner:
         max_overlaps, argmax_overlaps = overlaps_inf.max(dim=1)
         assigned = max_overlaps != -INF
         gt_inds[assigned] = argmax_overlaps[assigned] + 1
-        return AssignResult(num_gt, gt_inds, max_overlaps, _labels_of(gt_inds, gt_labels))
+        return AssignResult(num_gt, gt_inds, max_overlaps, labels_from_gt_inds(gt_inds, gt_labels))
 
     def _candidates(self, priors, num_level_priors, gt_bboxes, gt_bboxes_ignore):
         """IoUs ``[N, K]``, candidate indices and IoUs ``[C, K]``, ignored priors (or None)."""
@@ -176,7 +176,7 @@ class ATSSAssigner:
             "mean": Tensor[K], "std": Tensor[K], "threshold": Tensor[K]}`` with
             ``C = sum over levels of min(topk, priors on the level)``.
         """
-        priors, gt_bboxes = _check_gt(priors, gt_bboxes, None, gt_bboxes_ignore)
+        priors, gt_bboxes = check_assigner_inputs(priors, gt_bboxes, None, gt_bboxes_ignore)
         _, idxs, cand, _ = self._candidates(
             priors, [int(n) for n in num_level_priors], gt_bboxes, gt_bboxes_ignore
         )

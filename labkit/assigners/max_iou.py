@@ -14,7 +14,12 @@ from labkit.boxes import bbox_overlaps
 __all__ = ["MaxIoUAssigner", "assign_wrt_overlaps", "low_quality_reference"]
 
 
-def _check_gt(priors, gt_bboxes, gt_labels, gt_bboxes_ignore):
+def check_assigner_inputs(
+    priors: object, gt_bboxes: object, gt_labels: object, gt_bboxes_ignore: object
+) -> tuple[Tensor, Tensor]:
+    """Check an assigner's inputs, naming the bad argument: ``priors: Tensor[N, 4]``,
+    ``gt_bboxes: Tensor[K, 4]`` xyxy, ``gt_labels: LongTensor[K] | None``,
+    ``gt_bboxes_ignore: Tensor[G, 4] | None``. Returns ``(priors, gt_bboxes)``."""
     priors = check_boxes(priors, "priors")
     gt_bboxes = check_boxes(gt_bboxes, "gt_bboxes")
     for tensor, name in ((priors, "priors"), (gt_bboxes, "gt_bboxes")):
@@ -27,7 +32,7 @@ def _check_gt(priors, gt_bboxes, gt_labels, gt_bboxes_ignore):
     return priors, gt_bboxes
 
 
-def _labels_of(gt_inds: Tensor, gt_labels: Tensor | None) -> Tensor | None:
+def labels_from_gt_inds(gt_inds: Tensor, gt_labels: Tensor | None) -> Tensor | None:
     """``labels[i] = gt_labels[gt_inds[i] - 1]`` for positives, ``-1`` elsewhere."""
     if gt_labels is None:
         return None
@@ -95,7 +100,7 @@ def assign_wrt_overlaps(
         winner.scatter_reduce_(0, claim_prior, claim_gt + 1, reduce="amax")
         gt_inds = torch.where(winner > 0, winner, gt_inds)
 
-    return AssignResult(num_gts, gt_inds, max_overlaps, _labels_of(gt_inds, gt_labels))
+    return AssignResult(num_gts, gt_inds, max_overlaps, labels_from_gt_inds(gt_inds, gt_labels))
 
 
 def low_quality_reference(
@@ -186,7 +191,7 @@ class MaxIoUAssigner:
         Returns:
             :class:`AssignResult` with ``gt_inds``, ``max_overlaps``, ``labels`` of length N.
         """
-        priors, gt_bboxes = _check_gt(priors, gt_bboxes, gt_labels, gt_bboxes_ignore)
+        priors, gt_bboxes = check_assigner_inputs(priors, gt_bboxes, gt_labels, gt_bboxes_ignore)
         device = priors.device
         on_cpu = 0 < self.gpu_assign_thr < gt_bboxes.shape[0]
         if on_cpu:

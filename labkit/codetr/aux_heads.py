@@ -20,12 +20,27 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from labkit.anchors import AnchorGenerator
+from labkit.boxes import DeltaXYWHBBoxCoder
+from labkit.codetr.positives import AuxPositives
 from labkit.heads.atss import ATSSHead
-from labkit.heads.aux_positives import AuxPositives
 from labkit.heads.dense_head import flatten_levels
-from labkit.losses import CrossEntropyLoss, FocalLoss, GIoULoss
+from labkit.heads.faster_rcnn import FasterRCNNHead
+from labkit.heads.roi_extractor import RoIExtractor
+from labkit.heads.roi_head import RoITargets, Shared2FCBBoxHead, StandardRoIHead
+from labkit.heads.rpn import RPNHead
+from labkit.losses import CrossEntropyLoss, FocalLoss, GIoULoss, L1Loss
 
-__all__ = ["ATSSAuxHead", "FasterRCNNAuxHead", "extra_level"]
+__all__ = [
+    "ATSSAuxHead",
+    "FasterRCNNAuxHead",
+    "codetr_faster_rcnn_head",
+    "extra_level",
+    "roi_positives",
+]
+
+# CoStandardRoIHead's cap on the RoIs per image passed on as positive queries.
+CODETR_MAX_PROPOSAL = 2000
 
 
 def extra_level(embed_dims: int, num_groups: int = 32) -> nn.Sequential:
@@ -34,18 +49,6 @@ def extra_level(embed_dims: int, num_groups: int = 32) -> nn.Sequential:
         nn.Conv2d(embed_dims, embed_dims, kernel_size=3, stride=2, padding=1),
         nn.GroupNorm(num_groups, embed_dims),
     )
-
-
-class _ATSSHeadKeepingTargets(ATSSHead):
-    """An ATSSHead that remembers the targets of its last loss: Co-DETR reads the positives
-    from the very assignment the loss used (Co-ATSS returns them alongside the losses)."""
-
-    last_targets = None
-
-    def targets_for(self, *args, **kwargs):
-        """``ATSSHead.targets_for``, also kept as ``self.last_targets``."""
-        self.last_targets = super().targets_for(*args, **kwargs)
-        return self.last_targets
 
 
 class ATSSAuxHead(nn.Module):
@@ -71,7 +74,7 @@ class ATSSAuxHead(nn.Module):
     ) -> None:
         super().__init__()
         self.loss_scale = loss_scale
-        self.head = _ATSSHeadKeepingTargets(
+        self.head = ATSSHead(
             num_classes,
             embed_dims,
             embed_dims,
@@ -95,15 +98,14 @@ class ATSSAuxHead(nn.Module):
         Each positive's feature is the encoder-map vector at its anchor's location.
         """
         outs = self.head(feats)
-        losses = self.head.loss_by_feat(
+        # the positives come from the very assignment the loss used
+        losses, t = self.head.loss_and_targets_by_feat(
             *outs,
             batch_gt_bboxes=gt_bboxes,
             batch_gt_labels=gt_labels,
             batch_img_metas=img_metas,
             batch_gt_bboxes_ignore=gt_bboxes_ignore,
         )
-        t = self.head.last_targets
-        self.head.last_targets = None
         num_anchors = self.head.num_base_priors
         feat_flat = flatten_levels(feats, feats[0].shape[1])  # [B, sum(HW), C]
         coords, labels, targets, pos_feats = [], [], [], []
@@ -117,7 +119,7 @@ class ATSSAuxHead(nn.Module):
 
 class FasterRCNNAuxHead(nn.Module):
     """Faster R-CNN (RPN + RoI head) on the encoder maps, Co-DETR's settings
-    (``labkit.heads.faster_rcnn.codetr_faster_rcnn_head``); positives are the sampled positive
+    (:func:`codetr_faster_rcnn_head`); positives are the sampled positive
     proposals (GTs added as proposals first) with their RoIAlign features averaged over 7x7.
 
     Args:
@@ -137,8 +139,6 @@ class FasterRCNNAuxHead(nn.Module):
         fc_out_channels: int = 1024,
     ) -> None:
         super().__init__()
-        from labkit.heads.faster_rcnn import codetr_faster_rcnn_head
-
         self.loss_scale = loss_scale
         self.head = codetr_faster_rcnn_head(
             num_classes, embed_dims, loss_scale=loss_scale, fc_out_channels=fc_out_channels
@@ -156,4 +156,74 @@ class FasterRCNNAuxHead(nn.Module):
         batch = {"gt_bboxes": gt_bboxes, "gt_labels": gt_labels, "img_metas": img_metas}
         if gt_bboxes_ignore is not None:
             batch["gt_bboxes_ignore"] = gt_bboxes_ignore
-        return self.head.loss(feats, batch)
+        losses, targets = self.head.loss_and_targets(feats, batch)
+        return losses, roi_positives(targets.roi)
+
+
+def roi_positives(targets: RoITargets) -> AuxPositives:
+    """The RoI head's sampled positives per image, as Co-DETR's ``CoStandardRoIHead`` hands
+    them on: every image keeps at most its first ``min(2000, min_j K_j)`` sampled RoIs
+    (``K_j`` = RoIs sampled in image ``j``), so positives are only cut when another image
+    sampled fewer RoIs than this one has positives. Each keeps its pooled feature ``[C]``."""
+    results = targets.sampling_results
+    counts = [res.pos_inds.numel() + res.neg_inds.numel() for res in results]
+    keep = min([CODETR_MAX_PROPOSAL, *counts])
+    coords, labels, boxes, feats = [], [], [], []
+    start = 0
+    for res, count in zip(results, counts, strict=True):
+        p = min(res.pos_inds.numel(), keep)
+        coords.append(res.pos_priors[:p])
+        labels.append(res.pos_gt_labels[:p])
+        boxes.append(res.pos_gt_bboxes[:p])
+        feats.append(targets.roi_feats[start : start + p])
+        start += count
+    return AuxPositives(coords, labels, boxes, feats)
+
+
+def codetr_faster_rcnn_head(
+    num_classes: int,
+    in_channels: int = 256,
+    *,
+    loss_scale: float = 12.0,
+    fc_out_channels: int = 1024,
+) -> FasterRCNNHead:
+    """Co-DETR's auxiliary Faster R-CNN (co_deformable_detr_r50_1x_coco) on maps of strides 8-128.
+
+    RPN: 9 anchors per location (octave base scale 4, 3 scales per octave, ratios 0.5/1/2) on
+    strides 8-128, sigmoid CE and L1 with weight ``loss_scale``, training proposals nms_pre
+    4000 / NMS 0.7 / 1000. RoI head: RoIAlign on strides 8-64 with ``finest_scale=112``,
+    class-specific regression with ``reg_decoded_bbox`` and stds (0.1, 0.1, 0.2, 0.2), CE with
+    weight ``loss_scale`` and GIoU with ``10 * loss_scale``; test score_thr 0, NMS 0.5, 100.
+    ``loss_scale`` is Co-DETR's ``num_dec_layer * lambda_2`` (6 x 2 = 12).
+    """
+    anchors = AnchorGenerator(
+        strides=[8, 16, 32, 64, 128],
+        ratios=[0.5, 1.0, 2.0],
+        octave_base_scale=4,
+        scales_per_octave=3,
+    )
+    rpn = RPNHead(
+        in_channels,
+        in_channels,
+        anchor_generator=anchors,
+        loss_cls=CrossEntropyLoss(use_sigmoid=True, loss_weight=1.0 * loss_scale),
+        loss_bbox=L1Loss(loss_weight=1.0 * loss_scale),
+        train_proposal_cfg={"nms_pre": 4000, "max_per_img": 1000, "iou_threshold": 0.7},
+    )
+    bbox_head = Shared2FCBBoxHead(
+        num_classes,
+        in_channels,
+        7,
+        fc_out_channels,
+        reg_class_agnostic=False,
+        reg_decoded_bbox=True,
+        bbox_coder=DeltaXYWHBBoxCoder((0.0,) * 4, (0.1, 0.1, 0.2, 0.2)),
+        loss_cls=CrossEntropyLoss(use_sigmoid=False, loss_weight=1.0 * loss_scale),
+        loss_bbox=GIoULoss(loss_weight=10.0 * loss_scale),
+    )
+    roi = StandardRoIHead(
+        RoIExtractor([8, 16, 32, 64], output_size=7, sampling_ratio=0, finest_scale=112),
+        bbox_head,
+        test_cfg={"score_thr": 0.0, "iou_threshold": 0.5, "max_per_img": 100},
+    )
+    return FasterRCNNHead(rpn, roi)

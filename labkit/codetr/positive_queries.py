@@ -29,9 +29,9 @@ import torch
 from torch import Tensor, nn
 
 from labkit.boxes import normalize_bboxes
+from labkit.codetr.positives import AuxPositives
 from labkit.detr.positional_encoding import proposal_pos_embed
 from labkit.detr.transformer import inverse_sigmoid
-from labkit.heads.aux_positives import AuxPositives
 
 __all__ = ["AuxQueryTargets", "PositiveQueryEmbedding", "pad_positives"]
 

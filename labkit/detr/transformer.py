@@ -209,11 +209,16 @@ class DeformableDetrDecoder(nn.Module):
     With ``reg_branches`` (one per layer), layer ``i``'s box prediction is added (in logit
     space) to its reference and becomes layer ``i + 1``'s reference, detached so each layer
     learns its own correction.
+
+    ``look_forward_twice`` (Co-DETR, DINO): the returned references keep their gradient, so
+    layer ``i``'s box head also learns from layer ``i + 1``'s loss; the next layer's input
+    stays detached either way.
     """
 
-    def __init__(self, num_layers: int = 6, **layer_kwargs) -> None:
+    def __init__(self, num_layers: int = 6, look_forward_twice: bool = False, **layer_kwargs) -> None:
         super().__init__()
         self.num_layers = num_layers
+        self.look_forward_twice = look_forward_twice
         self.layers = nn.ModuleList(
             DeformableDetrDecoderLayer(**layer_kwargs) for _ in range(num_layers)
         )
@@ -257,6 +262,7 @@ class DeformableDetrDecoder(nn.Module):
                 query, query_pos, value, key_padding_mask, ref_input, spatial_shapes,
                 level_start_index, self_attn_mask,
             )  # fmt: skip
+            new_refs = reference_points
             if reg_branches is not None:
                 delta = reg_branches[layer_id](query)
                 if reference_points.shape[-1] == 4:
@@ -267,5 +273,5 @@ class DeformableDetrDecoder(nn.Module):
                     new_refs = new_refs.sigmoid()
                 reference_points = new_refs.detach()
             intermediate.append(query)
-            intermediate_refs.append(reference_points)
+            intermediate_refs.append(new_refs if self.look_forward_twice else reference_points)
         return torch.stack(intermediate), torch.stack(intermediate_refs)

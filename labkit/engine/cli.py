@@ -5,10 +5,9 @@
     labkit eval --checkpoint work_dirs/atss/latest.pth
     torchrun --nproc_per_node=4 --no-python labkit train --model co_deformable_detr --data shapes
 
-Models come from ``labkit.models.RECIPES`` (name -> recipe function taking ``num_classes``
-and keyword arguments, ``--model-arg backbone=resnet50`` passes them). A model may carry its
-default schedule as ``model.train_config`` (a ``TrainConfig`` or a dict of its fields);
-flags such as ``--lr`` override it. Checkpoints store the
+Models come from ``labkit.recipes.RECIPES`` (name -> ``Recipe``: a build function taking
+``num_classes`` and keyword arguments, which ``--model-arg backbone=tiny`` passes, and the
+paper's schedule, which flags such as ``--lr`` override). Checkpoints store the
 recipe name, its arguments, the data spec and the image size, so ``labkit eval`` rebuilds
 the model from the checkpoint alone.
 """
@@ -21,17 +20,17 @@ import dataclasses
 import json
 import os
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-Recipes = Mapping[str, Callable[..., Any]]
+Recipes = Mapping[str, Any]  # name -> labkit.recipes.Recipe (``build``, ``schedule``)
 
 
 def _recipes(args: argparse.Namespace) -> Recipes:
     if args.recipes is not None:
         return args.recipes
-    from labkit.models import RECIPES  # imported late: models pull in every head
+    from labkit.recipes import RECIPES  # imported late: recipes pull in every head
 
     return RECIPES
 
@@ -99,7 +98,7 @@ def _seed_everything(seed: int) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from labkit.data import make_loader
-    from labkit.engine.train import TrainConfig, train
+    from labkit.engine.train import train
 
     recipes = _recipes(args)
     if args.model not in recipes:
@@ -120,7 +119,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if info.is_main:
         distributed.barrier()
     kwargs = {"num_classes": train_set.num_classes, **dict(args.model_arg)}
-    model = recipes[args.model](**kwargs)
+    model = recipes[args.model].build(**kwargs)
     recipe = {
         "name": args.model,
         "kwargs": kwargs,
@@ -144,13 +143,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     }
     if args.milestones is not None:
         overrides["milestones"] = tuple(args.milestones)
-    # A recipe may carry its paper's schedule (e.g. AdamW 2e-4, clip 0.1, lr_mult for DETRs)
-    # as ``model.train_config``; command-line flags override it.
-    base = getattr(model, "train_config", None)
-    if isinstance(base, dict):
-        base = TrainConfig(**base)
+    # The recipe's paper schedule (e.g. AdamW 2e-4, clip 0.1, lr_mult for DETRs); flags win.
     config = dataclasses.replace(
-        base or TrainConfig(), amp=args.amp, progress=not args.no_progress, **overrides
+        recipes[args.model].schedule, amp=args.amp, progress=not args.no_progress, **overrides
     )
     work_dir = Path(args.work_dir or os.path.join("work_dirs", args.model))
     train_loader = make_loader(
@@ -208,7 +203,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         )
     image_size = args.image_size or tuple(recipe.get("image_size", (512, 512)))
     dataset = build_dataset(spec, "val", image_size)
-    model = recipes[recipe["name"]](**recipe.get("kwargs", {}))
+    model = recipes[recipe["name"]].build(**recipe.get("kwargs", {}))
     load_checkpoint(args.checkpoint, model)
     device = labkit.device(args.device)
     model.to(device)
@@ -225,9 +220,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction, recipes: Recipes | None = None) -> None:
     """Add ``train`` and ``eval`` to the ``labkit`` command (``recipes`` replaces
-    ``labkit.models.RECIPES``, for tests and custom model zoos)."""
+    ``labkit.recipes.RECIPES``, for tests and custom model zoos)."""
     train = subparsers.add_parser("train", help="train a detector recipe on a dataset")
-    train.add_argument("--model", required=True, help="recipe name in labkit.models.RECIPES")
+    train.add_argument("--model", required=True, help="recipe name in labkit.recipes.RECIPES")
     train.add_argument("--data", default="shapes", help="shapes | trees | PATH.json[:IMG_DIR]")
     train.add_argument(
         "--val-data", default=None, help="evaluation data (default: --data's val split)"

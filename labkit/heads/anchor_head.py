@@ -64,8 +64,14 @@ class AnchorTargets:
 class AnchorHead(DenseHead):
     """Anchor-based head: target assignment and the focal + box-regression loss of RetinaNet.
 
-    Subclasses build layers and ``forward``; ATSS/PAA override ``loss_by_feat`` and reuse
-    ``get_anchors`` / ``get_targets``.
+    Subclasses build layers and ``forward``; ATSS/PAA override ``loss_and_targets_by_feat``
+    and reuse ``get_anchors`` / ``get_targets`` / ``targets_for``.
+
+    Training targets: ``loss_and_targets(feats, batch)`` (and ``loss_and_targets_by_feat``)
+    return, next to the losses, the ``AnchorTargets`` the loss was computed from, i.e.
+    ``targets_for(...)``'s result: ``anchors [N, 4]``, ``labels [B, N]``, ``label_weights
+    [B, N]``, ``bbox_targets [B, N, 4]``, ``bbox_weights [B, N, 4]``, per image ``pos_inds``
+    ``[P_i]`` and ``pos_gt_inds [P_i]``, ``avg_factor`` (the loss normaliser), ``num_pos``...
 
     Args:
         num_classes: foreground classes ``C``.
@@ -279,7 +285,7 @@ class AnchorHead(DenseHead):
         )
 
     # --------------------------------------------------------------------- loss
-    def loss_by_feat(
+    def loss_and_targets_by_feat(
         self,
         cls_scores: list[Tensor],
         bbox_preds: list[Tensor],
@@ -288,14 +294,15 @@ class AnchorHead(DenseHead):
         batch_gt_labels: list[Tensor],
         batch_img_metas: list[dict],
         batch_gt_bboxes_ignore: list[Tensor | None] | None = None,
-    ) -> dict[str, Tensor]:
+    ) -> tuple[dict[str, Tensor], AnchorTargets]:
         """Focal (or other) classification loss over all anchors + box loss on positives.
 
         Both are divided by ``avg_factor``. mmdetection sums per-level losses that share this
         factor; one sum over all levels is the same number.
 
         Returns:
-            ``{"loss_cls": Tensor[], "loss_bbox": Tensor[]}``.
+            ``({"loss_cls": Tensor[], "loss_bbox": Tensor[]}, targets)``, ``targets`` the
+            ``AnchorTargets`` of ``targets_for`` (``targets.avg_factor`` normalised both losses).
         """
         t = self.targets_for(
             cls_scores, batch_gt_bboxes, batch_gt_labels, batch_img_metas, batch_gt_bboxes_ignore
@@ -316,4 +323,4 @@ class AnchorHead(DenseHead):
             t.bbox_weights.reshape(-1, 4),
             avg_factor=t.avg_factor,
         )
-        return {"loss_cls": loss_cls, "loss_bbox": loss_bbox}
+        return {"loss_cls": loss_cls, "loss_bbox": loss_bbox}, t

@@ -1,4 +1,4 @@
-"""ATSS (Zhang et al. 2020): GN towers, centerness branch, per-level Scale, adaptive assignment; recipe.
+"""ATSS (Zhang et al. 2020): GN towers, centerness branch, per-level Scale, adaptive assignment.
 
 Training, as mmdetection's ``ATSSHead``:
 
@@ -11,6 +11,10 @@ Training, as mmdetection's ``ATSSHead``:
   ``sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b))`` of the anchor centre in its GT,
   divided by ``avg_factor``.
 
+``loss_and_targets`` also returns the ``AnchorTargets`` of that assignment (``targets_for``):
+``anchors [N, 4]``, ``labels [B, N]``, ``bbox_targets [B, N, 4]`` (GT boxes), per image
+``pos_inds [P_i]`` into ``N``, ``avg_factor`` (positives of the batch, ``max(P_i, 1)`` per image).
+
 At inference the class probabilities are multiplied by ``sigmoid(centerness)`` after the
 per-level top-k.
 """
@@ -22,10 +26,10 @@ from torch import Tensor, nn
 
 from labkit.anchors import AnchorGenerator
 from labkit.boxes import DeltaXYWHBBoxCoder
-from labkit.heads.anchor_head import AnchorHead
-from labkit.heads.dense_head import TestConfig, flatten_levels, make_test_cfg, reduce_mean
-from labkit.heads.detector import SingleStageDetector, build_single_stage
+from labkit.heads.anchor_head import AnchorHead, AnchorTargets
+from labkit.heads.dense_head import TestConfig, flatten_levels, make_test_cfg
 from labkit.losses import CrossEntropyLoss, FocalLoss, GIoULoss
+from labkit.nn.distributed import reduce_mean
 from labkit.nn.init import bias_init_with_prob, normal_init
 from labkit.nn.scale import Scale
 
@@ -84,6 +88,11 @@ class ATSSHead(AnchorHead):
 
     Shapes: ``forward(feats)`` returns ``(cls_scores, bbox_preds, centernesses)``, per level
     ``[B, A*C, H, W]``, ``[B, A*4, H, W]``, ``[B, A, H, W]``.
+
+    Targets: ``loss_and_targets`` returns the ``AnchorTargets`` the loss used (``targets_for``'s
+    result): ``anchors [N, 4]``, ``labels [B, N]`` (``C`` = background), ``label_weights
+    [B, N]``, ``bbox_targets [B, N, 4]`` (the assigned GT boxes, ``reg_decoded_bbox``),
+    ``pos_inds`` (per image LongTensor[P_i] into ``N``), ``pos_gt_inds``, ``avg_factor``.
     """
 
     def __init__(
@@ -171,7 +180,7 @@ class ATSSHead(AnchorHead):
             gt_bboxes_ignore=gt_bboxes_ignore,
         )
 
-    def loss_by_feat(
+    def loss_and_targets_by_feat(
         self,
         cls_scores: list[Tensor],
         bbox_preds: list[Tensor],
@@ -181,8 +190,9 @@ class ATSSHead(AnchorHead):
         batch_gt_labels: list[Tensor],
         batch_img_metas: list[dict],
         batch_gt_bboxes_ignore: list[Tensor | None] | None = None,
-    ) -> dict[str, Tensor]:
-        """``{"loss_cls", "loss_bbox", "loss_centerness"}`` (see the module docstring)."""
+    ) -> tuple[dict[str, Tensor], AnchorTargets]:
+        """``({"loss_cls", "loss_bbox", "loss_centerness"}, targets)`` (see the module docstring);
+        ``targets`` is the ``AnchorTargets`` of ``targets_for``, positives ``targets.pos_inds``."""
         t = self.targets_for(
             cls_scores, batch_gt_bboxes, batch_gt_labels, batch_img_metas, batch_gt_bboxes_ignore
         )
@@ -221,58 +231,9 @@ class ATSSHead(AnchorHead):
             loss_centerness = centerness.sum() * 0
             centerness_sum = bbox_targets.new_tensor(0.0)
         bbox_avg_factor = reduce_mean(centerness_sum.detach()).clamp_(min=1).item()
-        return {
+        losses = {
             "loss_cls": loss_cls,
             "loss_bbox": loss_bbox / bbox_avg_factor,
             "loss_centerness": loss_centerness,
         }
-
-
-def atss(
-    num_classes: int,
-    backbone: str = "resnet18",
-    *,
-    fpn_channels: int | None = None,
-    feat_channels: int | None = None,
-    stacked_convs: int | None = None,
-    topk: int = 9,
-    test_cfg: dict | None = None,
-) -> SingleStageDetector:
-    """ATSS: backbone (C3-C5) + FPN P3-P7 (P6 from P5, ``"on_output"``) + ``ATSSHead``.
-
-    mmdetection's ``atss_r50_fpn_1x`` settings without pretrained weights; ``backbone="tiny"``
-    is the CPU configuration (64 channels, 2 convs per tower, GroupNorm with 32 groups).
-
-    Args:
-        num_classes: foreground classes.
-        backbone: ``"resnet18" | "resnet34" | "resnet50" | "resnet101" | "tiny"``.
-        fpn_channels, feat_channels, stacked_convs: widths/depth (``None`` = backbone default).
-        topk: ATSS candidates per level and GT.
-        test_cfg: dict of ``TestConfig`` fields to change (default NMS IoU 0.6).
-
-    Returns:
-        A ``SingleStageDetector`` with ``model.recipe == ("atss", {...kwargs})``.
-    """
-    from labkit.assigners import ATSSAssigner
-
-    kwargs = {
-        "num_classes": num_classes,
-        "backbone": backbone,
-        "fpn_channels": fpn_channels,
-        "feat_channels": feat_channels,
-        "stacked_convs": stacked_convs,
-        "topk": topk,
-        "test_cfg": test_cfg,
-    }
-    model = build_single_stage(
-        lambda c_in, c_feat, n: ATSSHead(
-            num_classes, c_in, c_feat, n, assigner=ATSSAssigner(topk=topk), test_cfg=test_cfg
-        ),
-        backbone=backbone,
-        fpn_channels=fpn_channels,
-        feat_channels=feat_channels,
-        stacked_convs=stacked_convs,
-        add_extra_convs="on_output",
-    )
-    model.recipe = ("atss", kwargs)
-    return model
+        return losses, t

@@ -1,4 +1,4 @@
-"""Shared base of every dense (one-stage) head: flattening, target helpers, loss checks, inference.
+"""Shared base of every dense (one-stage) head: flattening, target helpers, loss entry points, inference.
 
 A dense head predicts, at every location of every pyramid level, ``A`` priors' worth of
 class scores and box regressions: ``cls_scores[l]: Tensor[B, A * C, H_l, W_l]`` and
@@ -15,18 +15,33 @@ Extension points for a new head (see RetinaNetHead / ATSSHead / PAAHead, FCOSHea
 * ``forward(feats: list[Tensor[B, C_in, H_l, W_l]]) -> tuple[list[Tensor], ...]``: the raw
   per-level outputs, ``(cls_scores, bbox_preds)`` or ``(cls_scores, bbox_preds, score_factors)``
   (further outputs are allowed if ``predict_by_feat`` is overridden).
-* ``loss_by_feat(*outs, batch_gt_bboxes, batch_gt_labels, batch_img_metas,
-  batch_gt_bboxes_ignore=None) -> dict[str, Tensor]``: the training losses (keys ``loss_*``).
-  ``AnchorHead`` (anchor_head.py) implements the anchor-based version.
+* ``loss_and_targets_by_feat(*outs, batch_gt_bboxes, batch_gt_labels, batch_img_metas,
+  batch_gt_bboxes_ignore=None) -> (losses, targets)``: the training losses
+  (``dict[str, Tensor]``, keys ``loss_*``) AND the targets they were computed from, i.e. the
+  very assignment the loss used (each head documents its targets type: ``AnchorTargets`` for
+  anchor heads, ``FCOSTargets``, ``FoveaTargets``, ...). This is the one method a concrete head
+  implements for training; ``AnchorHead`` (anchor_head.py) implements the anchor-based version.
+  Ground truth is not validated here: the detector (``labkit.detectors.base.Detector.inputs``)
+  checks it once with ``check_gt_instances``.
 * inference: ``predict_by_feat`` handles everything generic (sigmoid, ``score_thr`` then
   ``nms_pre`` top-k per level, decoding with ``bbox_coder.decode(priors, pred, max_shape)``,
   rescale, score factors, ``min_bbox_size``, batched NMS, ``max_per_img``). Override
   ``_decode_bboxes`` when decoding needs more than the coder (e.g. stride scaling) and
   ``_predict_by_feat_single`` / ``_bbox_post_process`` for a different post-process (PAA).
 
-The module-level helpers (``flatten_level``, ``images_to_levels``, ``levels_to_images``,
-``unmap``, ``filter_scores_and_topk``, ``reduce_mean``, ``check_gt_instances``) are plain
-functions so anchor-free heads can reuse them without inheriting anything else.
+The training entry points built on ``loss_and_targets_by_feat`` (heads do not override them):
+
+* ``loss_and_targets(feats, batch) -> (losses, targets)``: ``forward`` then
+  ``loss_and_targets_by_feat`` with the batch's ``gt_bboxes``, ``gt_labels``, ``img_metas`` and
+  ``gt_bboxes_ignore`` (for callers that need the positives the loss trained, e.g. Co-DETR);
+* ``loss(feats, batch) -> losses`` and ``loss_by_feat(*outs, **gt) -> losses``: the same
+  without the targets.
+
+The module-level helpers (``flatten_level``, ``flatten_levels``, ``images_to_levels``,
+``levels_to_images``, ``level_major_to_images``, ``unmap``, ``select_single_mlvl``,
+``filter_scores_and_topk``, ``scale_factor_wh``, ``check_gt_instances``) are plain functions
+so anchor-free heads can reuse them without inheriting anything else. The mean over training
+processes that some losses take of their normaliser is ``labkit.nn.distributed.reduce_mean``.
 """
 
 from __future__ import annotations
@@ -34,7 +49,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
@@ -104,6 +118,12 @@ def levels_to_images(mlvl: list[Tensor]) -> list[Tensor]:
     return list(flat.unbind(0))
 
 
+def level_major_to_images(per_level: list[Tensor], num_imgs: int) -> Tensor:
+    """Per-level targets ``[B * N_l, ...]`` (image-major inside a level, the order of predictions
+    flattened with ``permute(0, 2, 3, 1).reshape(-1, K)``) to ``[B, sum_l N_l, ...]``."""
+    return torch.cat([x.reshape(num_imgs, -1, *x.shape[1:]) for x in per_level], dim=1)
+
+
 def unmap(data: Tensor, count: int, inds: Tensor, fill: float = 0) -> Tensor:
     """Scatter ``data`` (one row per True in the bool mask ``inds[count]``) back to ``count`` rows.
 
@@ -150,15 +170,6 @@ def filter_scores_and_topk(
     if results is not None:
         filtered = {k: v[keep_idxs] for k, v in results.items()}
     return scores, labels, keep_idxs, filtered
-
-
-def reduce_mean(tensor: Tensor) -> Tensor:
-    """Mean of ``tensor`` over all distributed processes (itself when not distributed)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return tensor
-    tensor = tensor.clone()
-    dist.all_reduce(tensor.div_(dist.get_world_size()), op=dist.ReduceOp.SUM)
-    return tensor
 
 
 def scale_factor_wh(img_meta: dict) -> tuple[float, float]:
@@ -261,25 +272,62 @@ class DenseHead(nn.Module):
     def loss(self, feats: list[Tensor], batch: dict) -> dict[str, Tensor]:
         """Run the head on ``feats`` and compute its losses for a collated ``batch``.
 
+        ``loss_and_targets(feats, batch)[0]``; see there for the arguments.
+        """
+        return self.loss_and_targets(feats, batch)[0]
+
+    def loss_and_targets(
+        self, feats: list[Tensor], batch: dict
+    ) -> tuple[dict[str, Tensor], object]:
+        """Run the head on ``feats``; its losses and the targets those losses were computed from.
+
+        The ground truth is not validated here: ``labkit.detectors.base.Detector.inputs``
+        checks it once (``check_gt_instances``) before any head sees it.
+
         Args:
             feats: per-level features ``Tensor[B, C_in, H_l, W_l]``.
-            batch: ``labkit.data.collate`` output (``gt_bboxes``, ``gt_labels``,
-                ``gt_bboxes_ignore`` lists and ``img_metas``).
+            batch: ``labkit.data.collate`` output (``gt_bboxes``, ``gt_labels`` and optional
+                ``gt_bboxes_ignore`` lists, ``img_metas``).
+
+        Returns:
+            ``(losses, targets)``: ``{"loss_*": Tensor[]}`` and the head's targets (its type is
+            documented by each head's ``loss_and_targets_by_feat``).
         """
-        gt_bboxes, gt_labels = batch["gt_bboxes"], batch["gt_labels"]
-        gt_ignore = batch.get("gt_bboxes_ignore")
-        check_gt_instances(gt_bboxes, gt_labels, self.num_classes, gt_ignore, batch["img_metas"])
         outs = self(feats)
-        return self.loss_by_feat(
+        return self.loss_and_targets_by_feat(
             *outs,
-            batch_gt_bboxes=gt_bboxes,
-            batch_gt_labels=gt_labels,
+            batch_gt_bboxes=batch["gt_bboxes"],
+            batch_gt_labels=batch["gt_labels"],
             batch_img_metas=batch["img_metas"],
-            batch_gt_bboxes_ignore=gt_ignore,
+            batch_gt_bboxes_ignore=batch.get("gt_bboxes_ignore"),
         )
 
     def loss_by_feat(self, *outs: list[Tensor], **gt: object) -> dict[str, Tensor]:
-        """Losses from the raw outputs of ``forward``; every concrete head implements it."""
+        """Losses from the raw outputs of ``forward``: ``loss_and_targets_by_feat(...)[0]``."""
+        return self.loss_and_targets_by_feat(*outs, **gt)[0]
+
+    def loss_and_targets_by_feat(
+        self,
+        *outs: list[Tensor],
+        batch_gt_bboxes: list[Tensor],
+        batch_gt_labels: list[Tensor],
+        batch_img_metas: list[dict],
+        batch_gt_bboxes_ignore: list[Tensor | None] | None = None,
+    ) -> tuple[dict[str, Tensor], object]:
+        """Losses and the targets they used, from the raw outputs of ``forward``.
+
+        Every concrete head implements it (see the module docstring).
+
+        Args:
+            *outs: ``forward``'s per-level outputs (``cls_scores``, ``bbox_preds``, ...).
+            batch_gt_bboxes: per image Tensor[K_i, 4] xyxy pixels.
+            batch_gt_labels: per image LongTensor[K_i] in ``0..num_classes-1``.
+            batch_img_metas: per image dicts (``img_shape``, ``pad_shape``, ...).
+            batch_gt_bboxes_ignore: ``None`` or per image Tensor[G_i, 4] (or ``None``).
+
+        Returns:
+            ``(losses, targets)``: ``{"loss_*": Tensor[]}`` and the head's targets.
+        """
         raise NotImplementedError
 
     # ----------------------------------------------------------------- inference

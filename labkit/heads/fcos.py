@@ -1,17 +1,18 @@
-"""FCOS: per-point targets (regress ranges, center sampling, smallest-area ambiguity), centerness, head and recipe."""
+"""FCOS: per-point targets (regress ranges, center sampling, smallest-area ambiguity), centerness and head."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from labkit._validation import check_boxes, check_labels, check_tensor
 from labkit.heads.anchor_free import AnchorFreeHead, init_head_convs
-from labkit.heads.dense_head import TestConfig, make_test_cfg, reduce_mean
-from labkit.heads.detector import SingleStageDetector, build_single_stage
+from labkit.heads.dense_head import TestConfig, level_major_to_images
 from labkit.losses import CrossEntropyLoss, FocalLoss, GIoULoss
+from labkit.nn.distributed import reduce_mean
 from labkit.nn.scale import Scale
 
 # mmdetection's "infinite" upper bound of the last regress range.
@@ -174,6 +175,34 @@ def fcos_targets(
     return labels_lvl, targets_lvl
 
 
+@dataclass
+class FCOSTargets:
+    """The per-point targets an ``FCOSHead`` loss was computed from (``B`` images, ``N`` points).
+
+    Attributes:
+        points: Tensor[N, 2] (x, y) of every point, levels concatenated (finest first).
+        strides: Tensor[N] stride of each point's level.
+        num_level_points: points per level (``N_l``), to split the ``N`` axis by level.
+        labels: LongTensor[B, N] class of each point, ``num_classes`` = background.
+        bbox_targets: Tensor[B, N, 4] (l, t, r, b) distances to the point's GT, in pixels, or
+            in units of the level's stride with ``norm_on_bbox`` (exactly what the loss used);
+            zeros for background points of an image without GT.
+        pos_inds: per image LongTensor[P_i] positive point indices into ``N`` (ascending).
+        num_pos: per image ``P_i``.
+        avg_factor: ``max(mean over processes of sum_i P_i, 1)``, the classification
+            normaliser (and the centerness one, when there are positives).
+    """
+
+    points: Tensor
+    strides: Tensor
+    num_level_points: list[int]
+    labels: Tensor
+    bbox_targets: Tensor
+    pos_inds: list[Tensor]
+    num_pos: list[int]
+    avg_factor: float
+
+
 def centerness_target(bbox_targets: Tensor) -> Tensor:
     """Centerness of positive points: sqrt(min(l,r)/max(l,r) * min(t,b)/max(t,b)).
 
@@ -218,6 +247,10 @@ class FCOSHead(AnchorFreeHead):
             by the centerness targets).
         loss_cls, loss_bbox, loss_centerness: loss modules (defaults: focal 2.0/0.25, GIoU,
             sigmoid BCE).
+
+    Targets: ``loss_and_targets`` returns an ``FCOSTargets`` (``labels [B, N]``,
+    ``bbox_targets [B, N, 4]``, per image ``pos_inds [P_i]``, ``points [N, 2]``, ``strides
+    [N]``, ``avg_factor``); ``get_targets`` keeps its per-level layout.
     """
 
     def __init__(
@@ -312,7 +345,7 @@ class FCOSHead(AnchorFreeHead):
             self.norm_on_bbox,
         )
 
-    def loss_by_feat(
+    def loss_and_targets_by_feat(
         self,
         cls_scores: list[Tensor],
         bbox_preds: list[Tensor],
@@ -322,8 +355,9 @@ class FCOSHead(AnchorFreeHead):
         batch_gt_labels: list[Tensor],
         batch_img_metas: list[dict],
         batch_gt_bboxes_ignore: list[Tensor | None] | None = None,
-    ) -> dict[str, Tensor]:
-        """``{"loss_cls", "loss_bbox"[, "loss_centerness"]}`` (ignore boxes are not used, as in mmdetection)."""
+    ) -> tuple[dict[str, Tensor], FCOSTargets]:
+        """``({"loss_cls", "loss_bbox"[, "loss_centerness"]}, FCOSTargets)`` (ignore boxes are not
+        used, as in mmdetection)."""
         points = self.points(cls_scores)
         labels, bbox_targets = self.get_targets(points, batch_gt_bboxes, batch_gt_labels)
         num_imgs = cls_scores[0].size(0)
@@ -365,7 +399,34 @@ class FCOSHead(AnchorFreeHead):
             losses["loss_bbox"] = pos_bbox.sum()
             if self.with_centerness:
                 losses["loss_centerness"] = pos_ctr.sum()
-        return losses
+        return losses, self._batch_targets(points, labels, bbox_targets, num_imgs, float(num_pos))
+
+    def _batch_targets(
+        self,
+        points: list[Tensor],
+        labels: list[Tensor],
+        bbox_targets: list[Tensor],
+        num_imgs: int,
+        avg_factor: float,
+    ) -> FCOSTargets:
+        """``FCOSTargets`` from ``get_targets``' per-level ``[B * N_l]`` / ``[B * N_l, 4]`` lists."""
+        labels_b = level_major_to_images(labels, num_imgs)
+        pos_inds = [((lab >= 0) & (lab < self.num_classes)).nonzero().view(-1) for lab in labels_b]
+        return FCOSTargets(
+            points=torch.cat(points),
+            strides=torch.cat(
+                [
+                    p.new_full((p.shape[0],), float(s))
+                    for p, s in zip(points, self.strides, strict=True)
+                ]
+            ),
+            num_level_points=[p.shape[0] for p in points],
+            labels=labels_b,
+            bbox_targets=level_major_to_images(bbox_targets, num_imgs),
+            pos_inds=pos_inds,
+            num_pos=[int(p.numel()) for p in pos_inds],
+            avg_factor=avg_factor,
+        )
 
     def predict_by_feat(
         self,
@@ -376,71 +437,3 @@ class FCOSHead(AnchorFreeHead):
     ) -> list[dict[str, Tensor]]:
         """Detections per image; centerness (when present) is the score factor."""
         return super().predict_by_feat(cls_scores, bbox_preds, score_factors, **kwargs)
-
-
-def fcos(
-    num_classes: int,
-    backbone: str = "tiny",
-    *,
-    center_sampling: bool = True,
-    centerness: bool = True,
-    norm_on_bbox: bool = True,
-    centerness_on_reg: bool = True,
-    fpn_channels: int | None = None,
-    feat_channels: int | None = None,
-    stacked_convs: int | None = None,
-    test_cfg: dict | None = None,
-) -> SingleStageDetector:
-    """FCOS detector: backbone (C3-C5) + FPN P3-P7 (P6 from P5, ReLU before P7) + ``FCOSHead``.
-
-    The defaults are mmdetection's "tricks" configuration
-    (``fcos_r50-caffe_fpn_gn-head-center-normbbox-centeronreg-giou``): center sampling,
-    norm_on_bbox, centerness on the regression tower, GIoU loss, GroupNorm towers with conv
-    bias, test NMS IoU 0.6 (nms_pre 1000, score_thr 0.05, 100 per image, min_bbox_size 0).
-    ``backbone="tiny"`` is the CPU configuration (64 channels, 2 tower convs).
-
-    Args:
-        num_classes: foreground classes.
-        backbone: ``"tiny" | "resnet18" | "resnet34" | "resnet50" | "resnet101"``.
-        center_sampling, centerness, norm_on_bbox, centerness_on_reg: see ``FCOSHead``.
-        fpn_channels, feat_channels, stacked_convs: widths/depth (``None`` = backbone default).
-        test_cfg: dict of ``TestConfig`` fields to change.
-
-    Returns:
-        A ``SingleStageDetector`` with ``model.recipe == ("fcos", {...kwargs})``.
-    """
-    kwargs = {
-        "num_classes": num_classes,
-        "backbone": backbone,
-        "center_sampling": center_sampling,
-        "centerness": centerness,
-        "norm_on_bbox": norm_on_bbox,
-        "centerness_on_reg": centerness_on_reg,
-        "fpn_channels": fpn_channels,
-        "feat_channels": feat_channels,
-        "stacked_convs": stacked_convs,
-        "test_cfg": test_cfg,
-    }
-    cfg = make_test_cfg(test_cfg, iou_threshold=0.6)
-    model = build_single_stage(
-        lambda c_in, c_feat, n: FCOSHead(
-            num_classes,
-            c_in,
-            feat_channels=c_feat,
-            stacked_convs=n,
-            center_sampling=center_sampling,
-            norm_on_bbox=norm_on_bbox,
-            centerness_on_reg=centerness_on_reg,
-            centerness=centerness,
-            conv_bias=True,
-            test_cfg=cfg,
-        ),
-        backbone=backbone,
-        fpn_channels=fpn_channels,
-        feat_channels=feat_channels,
-        stacked_convs=stacked_convs,
-        add_extra_convs="on_output",
-        relu_before_extra_convs=True,
-    )
-    model.recipe = ("fcos", kwargs)
-    return model

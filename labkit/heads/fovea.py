@@ -1,16 +1,16 @@
-"""FoveaBox: scale-range level assignment, sigma-shrunk positive "fovea", log-space targets, head and recipe."""
+"""FoveaBox: scale-range level assignment, sigma-shrunk positive "fovea", log-space targets and head."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from labkit._validation import check_boxes, check_labels
 from labkit.heads.anchor_free import AnchorFreeHead, init_head_convs
-from labkit.heads.dense_head import TestConfig, make_test_cfg
-from labkit.heads.detector import SingleStageDetector, build_single_stage
+from labkit.heads.dense_head import TestConfig, level_major_to_images
 from labkit.losses import FocalLoss, SmoothL1Loss
 
 FOVEA_BASE_EDGES = (16, 32, 64, 128, 256)
@@ -164,6 +164,30 @@ def fovea_targets(
     return labels, targets
 
 
+@dataclass
+class FoveaTargets:
+    """The per-cell targets a ``FoveaHead`` loss was computed from (``B`` images, ``N`` cells).
+
+    Attributes:
+        points: Tensor[N, 2] (x, y) cell centres, levels concatenated (finest first).
+        num_level_points: cells per level (``h_l * w_l``).
+        labels: LongTensor[B, N] class of each cell, ``num_classes`` = background.
+        bbox_targets: Tensor[B, N, 4] log-space distances / base edge (see
+            ``fovea_targets_single``), 0 on background.
+        pos_inds: per image LongTensor[P_i] positive cell indices into ``N`` (ascending).
+        num_pos: per image ``P_i``; their sum is the box loss normaliser.
+        avg_factor: ``sum_i P_i + B``, the classification normaliser.
+    """
+
+    points: Tensor
+    num_level_points: list[int]
+    labels: Tensor
+    bbox_targets: Tensor
+    pos_inds: list[Tensor]
+    num_pos: list[int]
+    avg_factor: float
+
+
 def fovea_decode(
     priors: Tensor, bbox_pred: Tensor, base_len: float, max_shape: tuple[int, int]
 ) -> Tensor:
@@ -201,6 +225,10 @@ class FoveaHead(AnchorFreeHead):
         scale_ranges: per level (low, high) of sqrt(w * h) (inclusive, overlapping).
         sigma: fovea shrink factor.
         loss_cls, loss_bbox: override the default losses.
+
+    Targets: ``loss_and_targets`` returns a ``FoveaTargets`` (``labels [B, N]``,
+    ``bbox_targets [B, N, 4]``, per image ``pos_inds [P_i]``, ``avg_factor``);
+    ``get_targets`` keeps its flat level-major layout.
     """
 
     def __init__(
@@ -266,7 +294,7 @@ class FoveaHead(AnchorFreeHead):
             self.sigma,
         )
 
-    def loss_by_feat(
+    def loss_and_targets_by_feat(
         self,
         cls_scores: list[Tensor],
         bbox_preds: list[Tensor],
@@ -275,8 +303,8 @@ class FoveaHead(AnchorFreeHead):
         batch_gt_labels: list[Tensor],
         batch_img_metas: list[dict],
         batch_gt_bboxes_ignore: list[Tensor | None] | None = None,
-    ) -> dict[str, Tensor]:
-        """``{"loss_cls", "loss_bbox"}`` (ignore boxes unused, as in mmdetection)."""
+    ) -> tuple[dict[str, Tensor], FoveaTargets]:
+        """``({"loss_cls", "loss_bbox"}, FoveaTargets)`` (ignore boxes unused, as in mmdetection)."""
         num_imgs = cls_scores[0].size(0)
         flat_cls = torch.cat(
             [x.permute(0, 2, 3, 1).reshape(-1, self.cls_out_channels) for x in cls_scores]
@@ -296,7 +324,27 @@ class FoveaHead(AnchorFreeHead):
             )
         else:
             loss_bbox = torch.tensor(0, dtype=flat_bbox.dtype, device=flat_bbox.device)
-        return {"loss_cls": loss_cls, "loss_bbox": loss_bbox}
+        losses = {"loss_cls": loss_cls, "loss_bbox": loss_bbox}
+        return losses, self._batch_targets(cls_scores, labels, targets, num_pos + num_imgs)
+
+    def _batch_targets(
+        self, cls_scores: list[Tensor], labels: Tensor, targets: Tensor, avg_factor: float
+    ) -> FoveaTargets:
+        """``FoveaTargets`` from ``get_targets``' flat level-major, image-major tensors."""
+        num_imgs = cls_scores[0].size(0)
+        points = self.points(cls_scores)
+        split = [num_imgs * p.shape[0] for p in points]
+        labels_b = level_major_to_images(list(labels.split(split)), num_imgs)
+        pos_inds = [((lab >= 0) & (lab < self.num_classes)).nonzero().view(-1) for lab in labels_b]
+        return FoveaTargets(
+            points=torch.cat(points),
+            num_level_points=[p.shape[0] for p in points],
+            labels=labels_b,
+            bbox_targets=level_major_to_images(list(targets.split(split)), num_imgs),
+            pos_inds=pos_inds,
+            num_pos=[int(p.numel()) for p in pos_inds],
+            avg_factor=float(avg_factor),
+        )
 
     def _predict_by_feat_single(
         self, cls_score_list, bbox_pred_list, score_factor_list, mlvl_priors, *args, **kwargs
@@ -313,46 +361,3 @@ class FoveaHead(AnchorFreeHead):
     def _decode_bboxes(self, priors: Tensor, bbox_pred: Tensor, img_shape: tuple) -> Tensor:
         """Boxes from priors ``[N, 3]`` (x, y, base edge) and log-space predictions ``[N, 4]``."""
         return fovea_decode(priors[:, :2], bbox_pred, priors[:, 2:3], img_shape)
-
-
-def foveabox(
-    num_classes: int,
-    backbone: str = "tiny",
-    *,
-    sigma: float = 0.4,
-    fpn_channels: int | None = None,
-    feat_channels: int | None = None,
-    stacked_convs: int | None = None,
-    test_cfg: dict | None = None,
-) -> SingleStageDetector:
-    """FoveaBox detector: backbone (C3-C5) + FPN P3-P7 (P6 from C5) + ``FoveaHead``.
-
-    mmdetection's ``fovea_r50_fpn_4x4_1x`` settings: strides 8-128, base edges 16-256,
-    scale ranges ((1, 64), (32, 128), (64, 256), (128, 512), (256, 2048)), sigma 0.4,
-    focal (1.5, 0.4) + smooth L1 (0.11); test nms_pre 1000, score_thr 0.05, NMS 0.5, 100.
-
-    Returns:
-        A ``SingleStageDetector`` with ``model.recipe == ("foveabox", {...kwargs})``.
-    """
-    kwargs = {
-        "num_classes": num_classes,
-        "backbone": backbone,
-        "sigma": sigma,
-        "fpn_channels": fpn_channels,
-        "feat_channels": feat_channels,
-        "stacked_convs": stacked_convs,
-        "test_cfg": test_cfg,
-    }
-    cfg = make_test_cfg(test_cfg, min_bbox_size=-1)
-    model = build_single_stage(
-        lambda c_in, c_feat, n: FoveaHead(
-            num_classes, c_in, feat_channels=c_feat, stacked_convs=n, sigma=sigma, test_cfg=cfg
-        ),
-        backbone=backbone,
-        fpn_channels=fpn_channels,
-        feat_channels=feat_channels,
-        stacked_convs=stacked_convs,
-        add_extra_convs="on_input",
-    )
-    model.recipe = ("foveabox", kwargs)
-    return model

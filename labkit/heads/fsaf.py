@@ -9,17 +9,21 @@ then each GT keeps only the level where its mean (focal + IoU) loss over its pos
 smallest (online feature selection): on the other levels its positives stop regressing and
 their classification entry for the GT's class is ignored. The paper's ignoring region is
 0.5; mmdetection's configuration (followed here) uses 0.2 for both scales.
+
+``loss_and_targets`` returns, next to the losses, an ``FSAFTargets``: the assignment with the
+feature selection applied (the weights the loss used and the positives it counted).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from labkit.anchors import AnchorGenerator
 from labkit.assigners.center_region import CenterRegionAssigner
-from labkit.heads.dense_head import TestConfig, make_test_cfg
-from labkit.heads.detector import SingleStageDetector, build_single_stage
+from labkit.heads.dense_head import TestConfig, level_major_to_images
 from labkit.heads.retina import RetinaNetHead
 from labkit.losses import FocalLoss, IoULoss
 
@@ -60,6 +64,46 @@ class TBLRBBoxCoder:
             x1, x2 = x1.clamp(min=0, max=max_shape[1]), x2.clamp(min=0, max=max_shape[1])
             y1, y2 = y1.clamp(min=0, max=max_shape[0]), y2.clamp(min=0, max=max_shape[0])
         return torch.stack((x1, y1, x2, y2), -1)
+
+
+@dataclass
+class FSAFTargets:
+    """The targets an ``FSAFHead`` loss used, after online feature selection (``B`` images,
+    ``N`` anchors of all levels, ``C`` classes).
+
+    Attributes:
+        anchors: Tensor[N, 4] one square anchor per location, levels concatenated.
+        num_level_priors: anchors per level.
+        labels: LongTensor[B, N] ``CenterRegionAssigner`` labels on every level
+            (``num_classes`` = background), as passed to the focal loss.
+        label_weights: Tensor[B, N, C] element-wise classification weights the loss applied:
+            0 for ignored anchors, shadowed (anchor, class) pairs, and the (anchor, GT class)
+            entry of a positive whose GT was selected on another level.
+        bbox_targets: Tensor[B, N, 4] GT boxes (xyxy) of the assigned anchors, zeros elsewhere.
+        bbox_weights: Tensor[B, N, 4] 1 on the positives that count (``pos_inds``).
+        gt_inds: LongTensor[B, N] 0-based per-image GT index from the assigner (-1 none),
+            before the feature selection.
+        pos_inds: per image LongTensor[P_i] (ascending) anchors assigned to a GT on the level
+            selected for that GT: the positives the loss counts.
+        pos_gt_inds: per image LongTensor[P_i] their 0-based GT index.
+        selected_levels: per image LongTensor[K_i] the level chosen for each GT.
+        num_pos: per image ``P_i``.
+        avg_factor: ``sum_i P_i``, or with no positive the summed ``max(num_neg, 1)``: both
+            losses are divided by it.
+    """
+
+    anchors: Tensor
+    num_level_priors: list[int]
+    labels: Tensor
+    label_weights: Tensor
+    bbox_targets: Tensor
+    bbox_weights: Tensor
+    gt_inds: Tensor
+    pos_inds: list[Tensor]
+    pos_gt_inds: list[Tensor]
+    selected_levels: list[Tensor]
+    num_pos: list[int]
+    avg_factor: float
 
 
 def fsaf_anchor_generator(strides: tuple[int, ...] = (8, 16, 32, 64, 128)) -> AnchorGenerator:
@@ -118,6 +162,10 @@ class FSAFHead(RetinaNetHead):
         strides: anchor strides per level.
         assigner: defaults to ``CenterRegionAssigner(0.2, 0.2, min_pos_iof=0.01)``.
         test_cfg: RetinaNet's (nms_pre 1000, score_thr 0.05, NMS 0.5, 100, min_bbox_size 0).
+
+    Targets: ``loss_and_targets`` returns an ``FSAFTargets`` (``labels [B, N]``,
+    ``label_weights [B, N, C]``, ``bbox_targets``/``bbox_weights [B, N, 4]``, per image
+    ``pos_inds [P_i]`` on the selected levels, ``selected_levels [K_i]``, ``avg_factor``).
     """
 
     def __init__(
@@ -202,7 +250,7 @@ class FSAFHead(RetinaNetHead):
             max(len(neg), 1),
         )
 
-    def loss_by_feat(
+    def loss_and_targets_by_feat(
         self,
         cls_scores: list[Tensor],
         bbox_preds: list[Tensor],
@@ -211,8 +259,8 @@ class FSAFHead(RetinaNetHead):
         batch_gt_labels: list[Tensor],
         batch_img_metas: list[dict],
         batch_gt_bboxes_ignore: list[Tensor | None] | None = None,
-    ) -> dict[str, Tensor]:
-        """``{"loss_cls", "loss_bbox"}`` after online feature selection.
+    ) -> tuple[dict[str, Tensor], FSAFTargets]:
+        """``({"loss_cls", "loss_bbox"}, FSAFTargets)`` after online feature selection.
 
         Per level: element-wise focal loss [B*N_l, C] and IoU loss [B*N_l] on decoded boxes
         (predictions clamped to >= 1e-4 first); the per-GT level table and its argmin;
@@ -268,6 +316,7 @@ class FSAFHead(RetinaNetHead):
             best_level = select_levels(table)
 
         loss_cls, loss_bbox, num_pos = 0.0, 0.0, 0
+        cls_weights, loc_weights = [], []
         for lvl in range(len(num_level)):
             cls_weight = torch.ones_like(cls_losses[lvl])
             loc_weight = torch.ones_like(reg_losses[lvl])
@@ -278,41 +327,32 @@ class FSAFHead(RetinaNetHead):
             num_pos += len(pos) - len(other)
             loss_cls = loss_cls + (cls_losses[lvl] * cls_weight).sum()
             loss_bbox = loss_bbox + (reg_losses[lvl] * loc_weight).sum()
+            cls_weights.append(cls_weight.detach())
+            loc_weights.append(loc_weight.detach())
         avg_factor = float(num_pos) if num_pos > 0 else float(sum(t[5] for t in per_img))
-        return {"loss_cls": loss_cls / avg_factor, "loss_bbox": loss_bbox / avg_factor}
+        losses = {"loss_cls": loss_cls / avg_factor, "loss_bbox": loss_bbox / avg_factor}
 
-
-def fsaf(
-    num_classes: int,
-    backbone: str = "tiny",
-    *,
-    fpn_channels: int | None = None,
-    feat_channels: int | None = None,
-    stacked_convs: int | None = None,
-    test_cfg: dict | None = None,
-) -> SingleStageDetector:
-    """FSAF detector (anchor-free branch only, as mmdetection's ``fsaf_r50_fpn_1x``):
-    backbone (C3-C5) + FPN P3-P7 (P6 from C5) + ``FSAFHead``.
-
-    Returns:
-        A ``SingleStageDetector`` with ``model.recipe == ("fsaf", {...kwargs})``.
-    """
-    kwargs = {
-        "num_classes": num_classes,
-        "backbone": backbone,
-        "fpn_channels": fpn_channels,
-        "feat_channels": feat_channels,
-        "stacked_convs": stacked_convs,
-        "test_cfg": test_cfg,
-    }
-    cfg = make_test_cfg(test_cfg, iou_threshold=0.5)
-    model = build_single_stage(
-        lambda c_in, c_feat, n: FSAFHead(num_classes, c_in, c_feat, n, test_cfg=cfg),
-        backbone=backbone,
-        fpn_channels=fpn_channels,
-        feat_channels=feat_channels,
-        stacked_convs=stacked_convs,
-        add_extra_convs="on_input",
-    )
-    model.recipe = ("fsaf", kwargs)
-    return model
+        # The targets as the loss applied them: [B, N, ...] with the selection folded in.
+        cls_weight_b = level_major_to_images(cls_weights, num_imgs)
+        loc_weight_b = level_major_to_images(loc_weights, num_imgs)
+        gt_inds_b = torch.stack([t[4] for t in per_img])
+        kept = (gt_inds_b >= 0) & (loc_weight_b > 0)
+        pos_inds = [k.nonzero().view(-1) for k in kept]
+        targets = FSAFTargets(
+            anchors=flat_anchors,
+            num_level_priors=num_level,
+            labels=torch.stack([t[0] for t in per_img]),
+            label_weights=torch.stack([t[1] for t in per_img]) * cls_weight_b,
+            bbox_targets=torch.stack([t[2] for t in per_img]),
+            bbox_weights=torch.stack([t[3] for t in per_img]) * loc_weight_b[..., None],
+            gt_inds=gt_inds_b,
+            pos_inds=pos_inds,
+            pos_gt_inds=[gt_inds_b[i, p] for i, p in enumerate(pos_inds)],
+            selected_levels=[
+                best_level[o : o + b.shape[0]]
+                for o, b in zip(offsets, batch_gt_bboxes, strict=True)
+            ],
+            num_pos=[int(p.numel()) for p in pos_inds],
+            avg_factor=avg_factor,
+        )
+        return losses, targets

@@ -12,6 +12,10 @@ Training, as mmdetection's ``PAAHead``:
    the IoU of their (detached) decoded box with the target, / the sum of those IoUs; BCE of
    the IoU branch against that IoU, / ``num_pos``.
 
+``loss_and_targets`` returns, next to the losses, a ``PAATargets``: the ``AnchorTargets`` of
+step 1 with labels, weights and positives replaced by those of step 3 (what the losses used),
+plus the first stage itself and the candidates the GMMs were fitted to.
+
 Inference: per level top-``nms_pre`` by ``max_c sqrt(p_c * iou)``, decode, rescale, NMS on the
 scores ``sqrt(p_c * sigmoid(iou_pred))`` above ``score_thr``, then score voting: each kept box
 becomes the average of same-class candidate boxes overlapping it, weighted by
@@ -20,7 +24,7 @@ becomes the average of same-class candidate boxes overlapping it, weighted by
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -28,10 +32,9 @@ from torchvision.ops import batched_nms
 
 from labkit.assigners.paa import paa_reassign
 from labkit.boxes import bbox_overlaps
-from labkit.heads.anchor_head import AnchorHead
+from labkit.heads.anchor_head import AnchorHead, AnchorTargets
 from labkit.heads.atss import ATSSHead
 from labkit.heads.dense_head import TestConfig, flatten_levels, scale_factor_wh
-from labkit.heads.detector import SingleStageDetector, build_single_stage
 from labkit.losses import CrossEntropyLoss, GIoULoss
 
 EPS = 1e-12
@@ -56,6 +59,34 @@ class PAACandidates:
     pos_inds: Tensor
     pos_gt_inds: Tensor
     pos_losses: Tensor
+
+
+@dataclass
+class PAATargets(AnchorTargets):
+    """PAA's training targets after the re-assignment: the labels and positives the loss used.
+
+    Every ``AnchorTargets`` field is over all ``N`` anchors of all levels, ``B`` images:
+
+    Attributes:
+        anchors: Tensor[N, 4].
+        labels: LongTensor[B, N] after re-assignment (first-stage positives that the GMM
+            rejected are background ``C``).
+        label_weights: Tensor[B, N] (the re-assignment ignores nothing: first-stage weights).
+        bbox_targets: Tensor[B, N, 4] the assigned GT boxes on the positives, zeros elsewhere.
+        bbox_weights: Tensor[B, N, 4] 1 on the positives.
+        avg_factor: ``max(sum(num_pos), B)``, the classification loss normaliser.
+        num_pos, num_neg: per image positives / negatives after re-assignment.
+        num_level_priors: anchors per level.
+        pos_inds: per image LongTensor[P_i] positive anchor indices (ascending), the rows of
+            ``labels[i]`` in ``0..C-1``; ``sum_i P_i`` is the ``num_pos`` of the IoU loss.
+        pos_gt_inds: per image LongTensor[P_i] 0-based GT index of each positive.
+        sampling_results: empty (the first stage's are in ``first_stage``).
+        first_stage: the MaxIoU ``AnchorTargets`` before re-assignment.
+        candidates: per image ``PAACandidates`` (first-stage positives and their losses).
+    """
+
+    first_stage: AnchorTargets | None = None
+    candidates: list[PAACandidates] = field(default_factory=list)
 
 
 def score_voting(
@@ -125,6 +156,9 @@ class PAAHead(ATSSHead):
 
     Shapes: ``forward(feats)`` returns ``(cls_scores, bbox_preds, iou_preds)``, per level
     ``[B, A*C, H, W]``, ``[B, A*4, H, W]``, ``[B, A, H, W]``.
+
+    Targets: ``loss_and_targets`` returns a ``PAATargets`` (``labels [B, N]``, ``bbox_targets
+    [B, N, 4]``, per image ``pos_inds [P_i]`` after the GMM re-assignment; ``first_stage``).
     """
 
     def __init__(
@@ -253,7 +287,7 @@ class PAAHead(ATSSHead):
             )
         return out
 
-    def loss_by_feat(
+    def loss_and_targets_by_feat(
         self,
         cls_scores: list[Tensor],
         bbox_preds: list[Tensor],
@@ -263,17 +297,18 @@ class PAAHead(ATSSHead):
         batch_gt_labels: list[Tensor],
         batch_img_metas: list[dict],
         batch_gt_bboxes_ignore: list[Tensor | None] | None = None,
-    ) -> dict[str, Tensor]:
-        """``{"loss_cls", "loss_bbox", "loss_iou"}`` after PAA re-assignment (module docstring)."""
+    ) -> tuple[dict[str, Tensor], PAATargets]:
+        """``({"loss_cls", "loss_bbox", "loss_iou"}, targets)`` after PAA re-assignment (module
+        docstring); ``targets`` is the ``PAATargets`` whose positives the losses used."""
         t = self.targets_for(
             cls_scores, batch_gt_bboxes, batch_gt_labels, batch_img_metas, batch_gt_bboxes_ignore
         )
-        labels, label_weights, num_pos = [], [], 0
+        labels, label_weights, bbox_weights, num_pos = [], [], [], 0
         # the candidate losses only steer the assignment: no gradient flows through them
         with torch.no_grad():
             candidates = self._candidates(t, cls_scores, bbox_preds)
             for i, cand in enumerate(candidates):
-                lab, lw, _, n = paa_reassign(
+                lab, lw, bw, n = paa_reassign(
                     cand.pos_losses,
                     t.labels[i],
                     t.label_weights[i],
@@ -288,8 +323,10 @@ class PAAHead(ATSSHead):
                 )
                 labels.append(lab)
                 label_weights.append(lw)
+                bbox_weights.append(bw)
                 num_pos += int(n)
         num_imgs = len(batch_img_metas)
+        targets = self._reassigned_targets(t, labels, label_weights, bbox_weights, candidates)
         labels = torch.cat(labels)
         label_weights = torch.cat(label_weights)
         cls_score = flatten_levels(cls_scores, self.cls_out_channels).reshape(
@@ -318,7 +355,45 @@ class PAAHead(ATSSHead):
         else:
             loss_iou = iou_pred.sum() * 0
             loss_bbox = bbox_pred.sum() * 0
-        return {"loss_cls": loss_cls, "loss_bbox": loss_bbox, "loss_iou": loss_iou}
+        return {"loss_cls": loss_cls, "loss_bbox": loss_bbox, "loss_iou": loss_iou}, targets
+
+    def _reassigned_targets(
+        self,
+        t: AnchorTargets,
+        labels: list[Tensor],
+        label_weights: list[Tensor],
+        bbox_weights: list[Tensor],
+        candidates: list[PAACandidates],
+    ) -> PAATargets:
+        """``PAATargets`` from the first stage ``t`` and the per-image re-assigned ``[N]`` tensors."""
+        labels_b = torch.stack(labels)
+        label_weights_b = torch.stack(label_weights)
+        bbox_weights_b = torch.stack(bbox_weights)
+        pos_inds, pos_gt_inds, num_pos, num_neg = [], [], [], []
+        for i, lab in enumerate(labels):
+            pos = ((lab >= 0) & (lab < self.num_classes)).nonzero().view(-1)
+            # the re-assigned positives are a subset of the first stage's (both ascending)
+            kept = torch.isin(t.pos_inds[i], pos)
+            pos_inds.append(pos)
+            pos_gt_inds.append(t.pos_gt_inds[i][kept])
+            num_pos.append(int(pos.numel()))
+            num_neg.append(int((label_weights[i] > 0).sum()) - int(pos.numel()))
+        is_pos = (labels_b >= 0) & (labels_b < self.num_classes)
+        return PAATargets(
+            anchors=t.anchors,
+            labels=labels_b,
+            label_weights=label_weights_b,
+            bbox_targets=torch.where(is_pos[..., None], t.bbox_targets, 0.0),
+            bbox_weights=bbox_weights_b,
+            avg_factor=float(max(sum(num_pos), len(labels))),
+            num_pos=num_pos,
+            num_neg=num_neg,
+            num_level_priors=t.num_level_priors,
+            pos_inds=pos_inds,
+            pos_gt_inds=pos_gt_inds,
+            first_stage=t,
+            candidates=candidates,
+        )
 
     # ---------------------------------------------------------------- inference
     def _predict_by_feat_single(
@@ -389,65 +464,3 @@ class PAAHead(ATSSHead):
                 det_boxes, det_scores, labels, boxes, nms_scores, cfg.score_thr
             )
         return {"boxes": det_boxes, "scores": det_scores, "labels": labels}
-
-
-def paa(
-    num_classes: int,
-    backbone: str = "resnet18",
-    *,
-    fpn_channels: int | None = None,
-    feat_channels: int | None = None,
-    stacked_convs: int | None = None,
-    topk: int = 9,
-    covariance_type: str = "diag",
-    score_voting: bool = True,
-    reassign_backend: str = "torch",
-    test_cfg: dict | None = None,
-) -> SingleStageDetector:
-    """PAA: backbone (C3-C5) + FPN P3-P7 (``"on_output"``) + ``PAAHead``.
-
-    mmdetection's ``paa_r50_fpn_1x`` settings without pretrained weights; ``backbone="tiny"``
-    is the CPU configuration (64 channels, 2 convs per tower).
-
-    Args:
-        num_classes: foreground classes.
-        backbone: ``"resnet18" | "resnet34" | "resnet50" | "resnet101" | "tiny"``.
-        fpn_channels, feat_channels, stacked_convs: widths/depth (``None`` = backbone default).
-        topk, covariance_type, score_voting, reassign_backend: see ``PAAHead``.
-        test_cfg: dict of ``TestConfig`` fields to change (default NMS IoU 0.6).
-
-    Returns:
-        A ``SingleStageDetector`` with ``model.recipe == ("paa", {...kwargs})``.
-    """
-    kwargs = {
-        "num_classes": num_classes,
-        "backbone": backbone,
-        "fpn_channels": fpn_channels,
-        "feat_channels": feat_channels,
-        "stacked_convs": stacked_convs,
-        "topk": topk,
-        "covariance_type": covariance_type,
-        "score_voting": score_voting,
-        "reassign_backend": reassign_backend,
-        "test_cfg": test_cfg,
-    }
-    model = build_single_stage(
-        lambda c_in, c_feat, n: PAAHead(
-            num_classes,
-            c_in,
-            c_feat,
-            n,
-            topk=topk,
-            covariance_type=covariance_type,
-            score_voting=score_voting,
-            reassign_backend=reassign_backend,
-            test_cfg=test_cfg,
-        ),
-        backbone=backbone,
-        fpn_channels=fpn_channels,
-        feat_channels=feat_channels,
-        stacked_convs=stacked_convs,
-        add_extra_convs="on_output",
-    )
-    model.recipe = ("paa", kwargs)
-    return model

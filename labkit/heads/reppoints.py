@@ -1,4 +1,4 @@
-"""RepPoints: 9-point object representation, init and refine stages with deformable conv, pseudo boxes, head and recipe.
+"""RepPoints: 9-point object representation, init and refine stages with deformable conv, pseudo boxes and head.
 
 mmdetection 3.x ``RepPointsHead`` (``reppoints-moment_r50_fpn_1x``): at every location
 (points at ``(col, row) * stride``, offset 0) the head predicts 9 initial points (offsets
@@ -8,11 +8,13 @@ refinement towers at those points with a 3x3 deformable convolution
 boxes by a transform (``minmax``, ``partial_minmax`` or ``moment`` with a learnable
 ``moment_transfer``). The init stage learns from ``PointAssigner(scale=4, pos_num=1)``, the
 refine stage and the classifier from ``MaxIoUAssigner(0.5, 0.4)`` on the init boxes.
+``loss_and_targets`` returns both stages' assignments (``RepPointsTargets``) with the losses.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -22,12 +24,58 @@ from labkit._validation import check_choice, check_tensor
 from labkit.assigners.max_iou import MaxIoUAssigner
 from labkit.assigners.point import PointAssigner
 from labkit.heads.anchor_free import AnchorFreeHead, conv_norm_relu
-from labkit.heads.dense_head import TestConfig, make_test_cfg
-from labkit.heads.detector import SingleStageDetector, build_single_stage
+from labkit.heads.dense_head import TestConfig
 from labkit.losses import FocalLoss, SmoothL1Loss
 from labkit.nn.init import bias_init_with_prob
 
 TRANSFORMS = ("minmax", "partial_minmax", "moment")
+
+
+@dataclass
+class PointStageTargets:
+    """One RepPoints stage's targets over ``B`` images and ``N`` points of all levels.
+
+    Attributes:
+        labels: LongTensor[B, N] (``num_classes`` = background); the classifier trains on the
+            refine stage's.
+        label_weights: Tensor[B, N] 1 on positives and negatives, 0 on ignored / invalid points.
+        bbox_gt: Tensor[B, N, 4] the assigned GT box (xyxy pixels), zeros elsewhere.
+        bbox_weights: Tensor[B, N, 4] 1 on positives.
+        pos_inds: per image LongTensor[P_i] positive point indices into ``N`` (ascending).
+        pos_gt_inds: per image LongTensor[P_i] 0-based GT index of each positive.
+        num_pos: per image ``P_i``.
+        avg_factor: ``sum_i max(P_i, 1)``, the stage's box-loss normaliser (and, for the
+            refine stage, the classification one).
+    """
+
+    labels: Tensor
+    label_weights: Tensor
+    bbox_gt: Tensor
+    bbox_weights: Tensor
+    pos_inds: list[Tensor]
+    pos_gt_inds: list[Tensor]
+    num_pos: list[int]
+    avg_factor: float
+
+
+@dataclass
+class RepPointsTargets:
+    """The targets a ``RepPointsHead`` loss used.
+
+    Attributes:
+        points: Tensor[N, 3] (x, y, stride) of every point prior, levels concatenated.
+        num_level_points: points per level.
+        init: ``PointStageTargets`` of the init stage (``PointAssigner`` on the point priors).
+        refine: ``PointStageTargets`` of the refine stage and the classifier (``MaxIoUAssigner``
+            on the init pseudo boxes).
+        refine_proposals: Tensor[B, N, 4] those detached init pseudo boxes (xyxy pixels).
+    """
+
+    points: Tensor
+    num_level_points: list[int]
+    init: PointStageTargets
+    refine: PointStageTargets
+    refine_proposals: Tensor
 
 
 def points_to_bbox(
@@ -111,6 +159,10 @@ class RepPointsHead(AnchorFreeHead):
             normaliser (``point_base_scale * stride``).
         transform: points-to-box transform; moment_mul: see ``points_to_bbox``.
         init_assigner, refine_assigner: override the defaults.
+
+    Targets: ``loss_and_targets`` returns a ``RepPointsTargets`` (``points [N, 3]``, and per
+    stage ``init`` / ``refine`` a ``PointStageTargets``: ``labels [B, N]``, ``bbox_gt
+    [B, N, 4]``, per image ``pos_inds [P_i]``, ``avg_factor``).
     """
 
     def __init__(
@@ -235,14 +287,16 @@ class RepPointsHead(AnchorFreeHead):
         valid: Tensor,
         gt_bboxes: Tensor,
         gt_labels: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, int, Tensor]:
         """One image, one stage: labels [N], label weights [N], GT boxes [N, 4], box weights [N, 4],
-        ``max(num_pos, 1)``; proposals outside ``valid`` are background with weight 0."""
+        ``max(num_pos, 1)``, 0-based GT index [N] (-1 none); proposals outside ``valid`` are
+        background with weight 0."""
         n = proposals.shape[0]
         labels = proposals.new_full((n,), self.num_classes, dtype=torch.long)
         label_weights = proposals.new_zeros(n)
         bbox_gt = proposals.new_zeros((n, 4))
         bbox_weights = proposals.new_zeros((n, 4))
+        gt_inds = labels.new_full((n,), -1)
         idx = valid.nonzero().flatten()
         result = assigner.assign(proposals[idx], gt_bboxes, gt_labels)
         pos = result.gt_inds > 0
@@ -253,9 +307,10 @@ class RepPointsHead(AnchorFreeHead):
         label_weights[neg_idx] = 1.0
         bbox_gt[pos_idx] = gt_bboxes[assigned]
         bbox_weights[pos_idx] = 1.0
-        return labels, label_weights, bbox_gt, bbox_weights, max(int(pos.sum()), 1)
+        gt_inds[pos_idx] = assigned
+        return labels, label_weights, bbox_gt, bbox_weights, max(int(pos.sum()), 1), gt_inds
 
-    def loss_by_feat(
+    def loss_and_targets_by_feat(
         self,
         cls_scores: list[Tensor],
         pts_preds_init: list[Tensor],
@@ -265,8 +320,9 @@ class RepPointsHead(AnchorFreeHead):
         batch_gt_labels: list[Tensor],
         batch_img_metas: list[dict],
         batch_gt_bboxes_ignore: list[Tensor | None] | None = None,
-    ) -> dict[str, Tensor]:
-        """``{"loss_cls", "loss_pts_init", "loss_pts_refine"}`` summed over levels.
+    ) -> tuple[dict[str, Tensor], RepPointsTargets]:
+        """``({"loss_cls", "loss_pts_init", "loss_pts_refine"}, RepPointsTargets)``, losses
+        summed over levels.
 
         Init stage: PointAssigner on the point priors. Refine stage and classifier:
         MaxIoU on the init pseudo boxes (detached). Box losses are smooth L1 on boxes divided
@@ -350,7 +406,30 @@ class RepPointsHead(AnchorFreeHead):
                 w_refine[lvl],
                 avg_factor=avg_refine,
             )
-        return {"loss_cls": loss_cls, "loss_pts_init": loss_init, "loss_pts_refine": loss_refine}
+        losses = {"loss_cls": loss_cls, "loss_pts_init": loss_init, "loss_pts_refine": loss_refine}
+        targets = RepPointsTargets(
+            points=flat_centers,
+            num_level_points=num_level,
+            init=self._stage_targets(init_t),
+            refine=self._stage_targets(refine_t),
+            refine_proposals=refine_props,
+        )
+        return losses, targets
+
+    def _stage_targets(self, per_image: list[tuple]) -> PointStageTargets:
+        """Stack ``_targets``' per-image tuples into a ``PointStageTargets``."""
+        labels = torch.stack([t[0] for t in per_image])
+        pos_inds = [((lab >= 0) & (lab < self.num_classes)).nonzero().view(-1) for lab in labels]
+        return PointStageTargets(
+            labels=labels,
+            label_weights=torch.stack([t[1] for t in per_image]),
+            bbox_gt=torch.stack([t[2] for t in per_image]),
+            bbox_weights=torch.stack([t[3] for t in per_image]),
+            pos_inds=pos_inds,
+            pos_gt_inds=[t[5][p] for t, p in zip(per_image, pos_inds, strict=True)],
+            num_pos=[int(p.numel()) for p in pos_inds],
+            avg_factor=float(sum(t[4] for t in per_image)),
+        )
 
     def predict_by_feat(
         self,
@@ -379,54 +458,3 @@ class RepPointsHead(AnchorFreeHead):
             ],
             -1,
         )
-
-
-def reppoints(
-    num_classes: int,
-    backbone: str = "tiny",
-    *,
-    transform: str = "moment",
-    norm: str | None = None,
-    fpn_channels: int | None = None,
-    feat_channels: int | None = None,
-    stacked_convs: int | None = None,
-    test_cfg: dict | None = None,
-) -> SingleStageDetector:
-    """RepPoints detector (mmdetection's ``reppoints-moment_r50_fpn_1x``): backbone (C3-C5) +
-    FPN P3-P7 (P6 from C5) + ``RepPointsHead`` (3 tower convs for ResNets, 2 for "tiny").
-
-    Returns:
-        A ``SingleStageDetector`` with ``model.recipe == ("reppoints", {...kwargs})``.
-    """
-    kwargs = {
-        "num_classes": num_classes,
-        "backbone": backbone,
-        "transform": transform,
-        "norm": norm,
-        "fpn_channels": fpn_channels,
-        "feat_channels": feat_channels,
-        "stacked_convs": stacked_convs,
-        "test_cfg": test_cfg,
-    }
-    cfg = make_test_cfg(test_cfg, iou_threshold=0.5)
-    if stacked_convs is None and backbone != "tiny":
-        stacked_convs = 3
-    model = build_single_stage(
-        lambda c_in, c_feat, n: RepPointsHead(
-            num_classes,
-            c_in,
-            feat_channels=c_feat,
-            stacked_convs=n,
-            point_feat_channels=c_feat,
-            transform=transform,
-            norm=norm,
-            test_cfg=cfg,
-        ),
-        backbone=backbone,
-        fpn_channels=fpn_channels,
-        feat_channels=feat_channels,
-        stacked_convs=stacked_convs,
-        add_extra_convs="on_input",
-    )
-    model.recipe = ("reppoints", kwargs)
-    return model

@@ -1,4 +1,4 @@
-"""RetinaNet: the anchor head with two 3x3-conv towers, focal loss and L1 on deltas, and its recipe."""
+"""RetinaNet: the anchor head with two 3x3-conv towers, focal loss and L1 on deltas."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from labkit.anchors import AnchorGenerator
 from labkit.boxes import DeltaXYWHBBoxCoder
 from labkit.heads.anchor_head import AnchorHead
 from labkit.heads.dense_head import TestConfig, make_test_cfg
-from labkit.heads.detector import SingleStageDetector, build_single_stage
 from labkit.losses import FocalLoss, L1Loss
 from labkit.nn.init import bias_init_with_prob, normal_init
 
@@ -43,6 +42,10 @@ class RetinaNetHead(AnchorHead):
     Shapes: ``forward(feats)`` with ``feats[l]: Tensor[B, in_channels, H_l, W_l]`` returns
     ``(cls_scores, bbox_preds)`` with ``cls_scores[l]: Tensor[B, A*C, H_l, W_l]`` and
     ``bbox_preds[l]: Tensor[B, A*4, H_l, W_l]``.
+
+    Targets: ``loss_and_targets`` returns ``AnchorHead``'s ``AnchorTargets`` over all
+    ``N = sum_l H_l*W_l*A`` anchors (``labels [B, N]``, ``bbox_targets [B, N, 4]`` encoded
+    deltas, ``pos_inds`` per image, ``avg_factor`` = sum over images of ``max(num_pos, 1)``).
     """
 
     def __init__(
@@ -109,48 +112,3 @@ class RetinaNetHead(AnchorHead):
             cls_scores.append(self.retina_cls(self.cls_convs(x)))
             bbox_preds.append(self.retina_reg(self.reg_convs(x)))
         return cls_scores, bbox_preds
-
-
-def retinanet(
-    num_classes: int,
-    backbone: str = "resnet18",
-    *,
-    fpn_channels: int | None = None,
-    feat_channels: int | None = None,
-    stacked_convs: int | None = None,
-    test_cfg: dict | None = None,
-) -> SingleStageDetector:
-    """RetinaNet: ResNet/tiny backbone (C3-C5) + FPN P3-P7 (P6 from C5) + ``RetinaNetHead``.
-
-    Defaults are mmdetection's ``retinanet_r50_fpn_1x`` settings (anchors 32-813 px, 9 per
-    location, suit the 512 px shapes images), without pretrained weights. ``backbone="tiny"``
-    is the CPU quick-mode configuration: 64-channel FPN and towers, 2 convs per tower.
-
-    Args:
-        num_classes: foreground classes (5 for shapes).
-        backbone: ``"resnet18" | "resnet34" | "resnet50" | "resnet101" | "tiny"``.
-        fpn_channels, feat_channels, stacked_convs: widths/depth (``None`` = backbone default).
-        test_cfg: dict of ``TestConfig`` fields to change (default: nms_pre 1000, score_thr 0.05,
-            NMS IoU 0.5, 100 detections, min_bbox_size 0).
-
-    Returns:
-        A ``SingleStageDetector`` with ``model.recipe == ("retinanet", {...kwargs})``.
-    """
-    kwargs = {
-        "num_classes": num_classes,
-        "backbone": backbone,
-        "fpn_channels": fpn_channels,
-        "feat_channels": feat_channels,
-        "stacked_convs": stacked_convs,
-        "test_cfg": test_cfg,
-    }
-    model = build_single_stage(
-        lambda c_in, c_feat, n: RetinaNetHead(num_classes, c_in, c_feat, n, test_cfg=test_cfg),
-        backbone=backbone,
-        fpn_channels=fpn_channels,
-        feat_channels=feat_channels,
-        stacked_convs=stacked_convs,
-        add_extra_convs="on_input",
-    )
-    model.recipe = ("retinanet", kwargs)
-    return model

@@ -21,36 +21,47 @@ Inference: softmax scores, every class's box decoded from each proposal (clipped
 ``img_shape``), optional rescale, then mmdetection's ``multiclass_nms``: (RoI, class) pairs
 scoring above ``score_thr``, NMS per class at ``iou_threshold``, ``max_per_img`` best.
 
-``StandardRoIHead.loss(feats, proposals, batch) -> (losses, positives)``; ``positives`` is an
-``AuxPositives`` (labkit.heads.aux_positives) with, per image, the sampled positive RoIs
-(GTs added as proposals first), their GT classes, their matched GT boxes and their pooled
-features averaged over the grid ``[P_i, C]`` -- what Co-DETR turns into positive queries.
-As Co-DETR's ``CoStandardRoIHead`` does, every image keeps at most its first
-``min(2000, min_j K_j)`` sampled RoIs (``K_j`` = RoIs sampled in image ``j``), so positives are
-only cut when another image sampled fewer RoIs than this one has positives.
+``StandardRoIHead.loss_and_targets(feats, proposals, batch) -> (losses, RoITargets)``: the
+targets are the sampling results (which RoIs were sampled, which are positive and their GT)
+and the pooled features of the sampled RoIs averaged over the grid ``[K, C]`` (with their
+gradient). Co-DETR (``labkit.codetr``) turns the positives among them into positive queries.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms
 
 from labkit._validation import check_boxes, check_tensor
 from labkit.boxes import DeltaXYWHBBoxCoder
-from labkit.heads.aux_positives import AuxPositives
 from labkit.heads.dense_head import TestConfig, check_gt_instances, make_test_cfg, scale_factor_wh
+from labkit.heads.nms import multiclass_nms
 from labkit.heads.roi_extractor import RoIExtractor, bbox2roi
 from labkit.losses import CrossEntropyLoss, L1Loss
 from labkit.nn.init import normal_init
 
 # mmdetection's faster_rcnn_r50_fpn rcnn test settings (nms_pre is not used here).
 RCNN_TEST_CFG = {"score_thr": 0.05, "iou_threshold": 0.5, "max_per_img": 100}
-# CoStandardRoIHead's cap on the RoIs per image passed on as positive queries.
-CODETR_MAX_PROPOSAL = 2000
+
+
+@dataclass
+class RoITargets:
+    """What the RoI head's loss was computed on, per batch.
+
+    Attributes:
+        sampling_results: one ``SamplingResult`` per image (``pos_priors[P_i, 4]``,
+            ``pos_gt_labels[P_i]``, ``pos_gt_bboxes[P_i, 4]``, ``pos_inds``, ``neg_inds``);
+            RoIs are ordered positives first, then negatives, image after image.
+        roi_feats: ``Tensor[K, C]`` pooled features of all ``K`` sampled RoIs averaged over
+            the RoIAlign grid, in that order (keeps its gradient).
+    """
+
+    sampling_results: list
+    roi_feats: Tensor
 
 
 def accuracy(cls_score: Tensor, labels: Tensor) -> Tensor:
@@ -221,38 +232,6 @@ class Shared2FCBBoxHead(nn.Module):
         return multiclass_nms(boxes.reshape(num_rois, 4 * k), scores, cfg)
 
 
-def multiclass_nms(
-    multi_bboxes: Tensor, multi_scores: Tensor, cfg: TestConfig
-) -> dict[str, Tensor]:
-    """mmdetection's ``multiclass_nms``: threshold (RoI, class) pairs, NMS per class, keep the best.
-
-    Args:
-        multi_bboxes: ``Tensor[N, 4]`` (one box for every class) or ``Tensor[N, 4C]``.
-        multi_scores: ``Tensor[N, C+1]`` softmax scores, background last (dropped).
-        cfg: ``score_thr`` (strict), ``iou_threshold``, ``max_per_img`` (``<= 0``: all).
-
-    Returns:
-        ``{"boxes": Tensor[M, 4], "scores": Tensor[M], "labels": LongTensor[M]}`` by descending score.
-    """
-    num_classes = multi_scores.shape[1] - 1
-    n = multi_scores.shape[0]
-    if multi_bboxes.shape[1] > 4:
-        bboxes = multi_bboxes.reshape(n, multi_bboxes.shape[1] // 4, 4)
-    else:
-        bboxes = multi_bboxes[:, None].expand(n, num_classes, 4)
-    scores = multi_scores[:, :-1]
-    labels = torch.arange(num_classes, device=scores.device).view(1, -1).expand_as(scores)
-    bboxes, scores, labels = bboxes.reshape(-1, 4), scores.reshape(-1), labels.reshape(-1)
-    keep = (scores > cfg.score_thr).nonzero().squeeze(1)
-    bboxes, scores, labels = bboxes[keep], scores[keep], labels[keep]
-    if bboxes.numel() > 0:
-        keep = batched_nms(bboxes, scores, labels, cfg.iou_threshold)
-        if cfg.max_per_img > 0:
-            keep = keep[: cfg.max_per_img]
-        bboxes, scores, labels = bboxes[keep], scores[keep], labels[keep]
-    return {"boxes": bboxes, "scores": scores, "labels": labels}
-
-
 class StandardRoIHead(nn.Module):
     """Assigner + sampler + ``RoIExtractor`` + ``Shared2FCBBoxHead`` (see the module docstring).
 
@@ -318,10 +297,11 @@ class StandardRoIHead(nn.Module):
             results.append(self.sampler.sample(assign, props, boxes, gt_labels=labels))
         return results
 
-    def loss(
+    def loss_and_targets(
         self, feats: Sequence[Tensor], proposals: Sequence[Tensor], batch: dict
-    ) -> tuple[dict[str, Tensor], AuxPositives]:
-        """Losses and positives of the RoI head.
+    ) -> tuple[dict[str, Tensor], RoITargets]:
+        """Losses of the RoI head and the targets they were computed on (no input checks:
+        the detector validated the batch; :meth:`loss` is the checked entry point).
 
         Args:
             feats: per level ``Tensor[B, C, H_l, W_l]`` (the first ``len(featmap_strides)`` are read).
@@ -329,36 +309,30 @@ class StandardRoIHead(nn.Module):
             batch: ``labkit.data.collate`` output (``gt_bboxes``, ``gt_labels``, ``img_metas``).
 
         Returns:
-            ``({"loss_cls", "acc", "loss_bbox"}, AuxPositives)``.
+            ``({"loss_cls", "acc", "loss_bbox"}, RoITargets)``.
         """
         gt_bboxes, gt_labels = batch["gt_bboxes"], batch["gt_labels"]
-        gt_ignore = batch.get("gt_bboxes_ignore")
-        check_gt_instances(
-            gt_bboxes, gt_labels, self.num_classes, gt_ignore, batch.get("img_metas")
-        )
         _check_proposals(proposals, len(gt_bboxes))
-        sampling_results = self.sample(proposals, gt_bboxes, gt_labels, gt_ignore)
+        sampling_results = self.sample(proposals, gt_bboxes, gt_labels, batch.get("gt_bboxes_ignore"))
         rois = bbox2roi([res.priors for res in sampling_results])
         cls_score, bbox_pred, roi_feats = self._bbox_forward(feats, rois)
         targets = self.bbox_head.get_targets(sampling_results, self.pos_weight)
         losses = self.bbox_head.loss(cls_score, bbox_pred, rois, *targets)
-        return losses, self._positives(sampling_results, roi_feats.mean(dim=(2, 3)))
+        return losses, RoITargets(sampling_results, roi_feats.mean(dim=(2, 3)))
 
-    @staticmethod
-    def _positives(sampling_results: Sequence, roi_feats: Tensor) -> AuxPositives:
-        """Per image the (kept) sampled positives; ``roi_feats: Tensor[K, C]`` in RoI order."""
-        counts = [res.pos_inds.numel() + res.neg_inds.numel() for res in sampling_results]
-        keep = min([CODETR_MAX_PROPOSAL, *counts])
-        coords, labels, targets, feats = [], [], [], []
-        start = 0
-        for res, count in zip(sampling_results, counts, strict=True):
-            p = min(res.pos_inds.numel(), keep)
-            coords.append(res.pos_priors[:p])
-            labels.append(res.pos_gt_labels[:p])
-            targets.append(res.pos_gt_bboxes[:p])
-            feats.append(roi_feats[start : start + p])
-            start += count
-        return AuxPositives(coords, labels, targets, feats)
+    def loss(
+        self, feats: Sequence[Tensor], proposals: Sequence[Tensor], batch: dict
+    ) -> dict[str, Tensor]:
+        """``{"loss_cls", "acc", "loss_bbox"}`` of a collated ``batch``, its ground truth checked
+        first (errors name the argument); see :meth:`loss_and_targets`."""
+        check_gt_instances(
+            batch["gt_bboxes"],
+            batch["gt_labels"],
+            self.num_classes,
+            batch.get("gt_bboxes_ignore"),
+            batch.get("img_metas"),
+        )
+        return self.loss_and_targets(feats, proposals, batch)[0]
 
     @torch.no_grad()
     def predict(

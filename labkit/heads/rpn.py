@@ -23,9 +23,8 @@ Proposals (``predict_by_feat``; no gradient flows into them), per image:
 mmdetection uses ``nms_pre=2000`` while training Faster R-CNN (Co-DETR: 4000) and 1000 at
 test time, NMS 0.7 and 1000 proposals in both.
 
-Positives for Co-DETR (``loss_and_predict`` returns them as ``AuxPositives``): the sampled
-positive anchors, the class of their matched GT (the real class, not RPN's 0) and the
-matched GT boxes.
+``loss_and_targets`` and ``loss_and_predict`` also return the ``AnchorTargets`` the loss
+used (its ``sampling_results`` hold the sampled positive anchors and their GTs).
 """
 
 from __future__ import annotations
@@ -37,7 +36,6 @@ from torchvision.ops import batched_nms
 from labkit.anchors import AnchorGenerator
 from labkit.boxes import DeltaXYWHBBoxCoder
 from labkit.heads.anchor_head import AnchorHead, AnchorTargets
-from labkit.heads.aux_positives import AuxPositives
 from labkit.heads.dense_head import (
     TestConfig,
     check_gt_instances,
@@ -59,14 +57,13 @@ def rpn_anchor_generator(strides: tuple[int, ...] = (4, 8, 16, 32, 64)) -> Ancho
     return AnchorGenerator(strides=list(strides), ratios=[0.5, 1.0, 2.0], scales=[8])
 
 
-def _labels_of(batch: dict) -> list[Tensor]:
-    """The batch's ``gt_labels``, or class 0 for every box when a batch has none (RPN-only data)."""
-    if batch.get("gt_labels") is not None:
-        return batch["gt_labels"]
+def _check_rpn_gt(batch: dict) -> None:
+    """Check a batch's boxes (and labels, when present: any class id >= 0 is fine for the RPN)."""
     boxes = batch["gt_bboxes"]
-    if not isinstance(boxes, (list, tuple)):
-        return boxes  # check_gt_instances reports the bad gt_bboxes
-    return [torch.zeros(len(b), dtype=torch.long, device=b.device) for b in boxes]
+    labels = batch.get("gt_labels")
+    if labels is None and isinstance(boxes, (list, tuple)):
+        labels = [torch.zeros(len(b), dtype=torch.long) for b in boxes]
+    check_gt_instances(boxes, labels, _ANY_CLASS, batch.get("gt_bboxes_ignore"), batch["img_metas"])
 
 
 def make_proposal_cfg(value: TestConfig | dict | None, **defaults: object) -> TestConfig:
@@ -161,16 +158,18 @@ class RPNHead(AnchorHead):
         return cls_scores, bbox_preds
 
     # ------------------------------------------------------------------ training
-    def loss_and_targets(
+    def loss_and_targets_by_feat(
         self,
         cls_scores: list[Tensor],
         bbox_preds: list[Tensor],
         *,
         batch_gt_bboxes: list[Tensor],
+        batch_gt_labels: list[Tensor] | None = None,
         batch_img_metas: list[dict],
         batch_gt_bboxes_ignore: list[Tensor | None] | None = None,
     ) -> tuple[dict[str, Tensor], AnchorTargets]:
-        """``({"loss_rpn_cls", "loss_rpn_bbox"}, targets)`` (see the module docstring)."""
+        """``({"loss_rpn_cls", "loss_rpn_bbox"}, targets)`` (see the module docstring);
+        ``batch_gt_labels`` is not used: every GT is foreground for the RPN."""
         # Every GT is class 0 for the RPN (mmdetection zeroes the labels before the head).
         t = self.targets_for(
             cls_scores, batch_gt_bboxes, None, batch_img_metas, batch_gt_bboxes_ignore
@@ -188,82 +187,56 @@ class RPNHead(AnchorHead):
         )
         return {"loss_rpn_cls": loss_cls, "loss_rpn_bbox": loss_bbox}, t
 
-    def loss_by_feat(
-        self,
-        cls_scores: list[Tensor],
-        bbox_preds: list[Tensor],
-        *,
-        batch_gt_bboxes: list[Tensor],
-        batch_gt_labels: list[Tensor] | None = None,
-        batch_img_metas: list[dict],
-        batch_gt_bboxes_ignore: list[Tensor | None] | None = None,
-    ) -> dict[str, Tensor]:
-        """``{"loss_rpn_cls": Tensor[], "loss_rpn_bbox": Tensor[]}``; labels are not used."""
-        losses, _ = self.loss_and_targets(
+    def loss_and_targets(
+        self, feats: list[Tensor], batch: dict
+    ) -> tuple[dict[str, Tensor], AnchorTargets]:
+        """Run the RPN on ``feats[l]: Tensor[B, C, H_l, W_l]``; losses and the targets they used.
+
+        ``batch`` needs ``gt_bboxes`` and ``img_metas`` (``gt_labels`` are optional: the RPN is
+        class-agnostic). No input checks here (the detector validated the batch).
+        """
+        cls_scores, bbox_preds = self(feats)
+        return self.loss_and_targets_by_feat(
             cls_scores,
             bbox_preds,
-            batch_gt_bboxes=batch_gt_bboxes,
-            batch_img_metas=batch_img_metas,
-            batch_gt_bboxes_ignore=batch_gt_bboxes_ignore,
+            batch_gt_bboxes=batch["gt_bboxes"],
+            batch_img_metas=batch["img_metas"],
+            batch_gt_bboxes_ignore=batch.get("gt_bboxes_ignore"),
         )
-        return losses
-
-    @staticmethod
-    def positives_of(targets: AnchorTargets, batch_gt_labels: list[Tensor]) -> AuxPositives:
-        """The sampled positive anchors of every image as ``AuxPositives`` (real GT classes)."""
-        coords, labels, boxes = [], [], []
-        for res, gt_labels in zip(targets.sampling_results, batch_gt_labels, strict=True):
-            coords.append(res.pos_priors)
-            labels.append(gt_labels[res.pos_assigned_gt_inds].long())
-            boxes.append(res.pos_gt_bboxes)
-        return AuxPositives(coords, labels, boxes)
 
     def loss(self, feats: list[Tensor], batch: dict) -> dict[str, Tensor]:
-        """``{"loss_rpn_cls", "loss_rpn_bbox"}`` of a collated ``batch`` (class labels are ignored)."""
-        gt_bboxes, gt_ignore = batch["gt_bboxes"], batch.get("gt_bboxes_ignore")
-        check_gt_instances(gt_bboxes, _labels_of(batch), _ANY_CLASS, gt_ignore, batch["img_metas"])
-        cls_scores, bbox_preds = self(feats)
-        losses, _ = self.loss_and_targets(
-            cls_scores,
-            bbox_preds,
-            batch_gt_bboxes=gt_bboxes,
-            batch_img_metas=batch["img_metas"],
-            batch_gt_bboxes_ignore=gt_ignore,
-        )
-        return losses
+        """``{"loss_rpn_cls", "loss_rpn_bbox"}`` of a collated ``batch``, its boxes checked first."""
+        _check_rpn_gt(batch)
+        return self.loss_and_targets(feats, batch)[0]
 
     def loss_and_predict(
         self, feats: list[Tensor], batch: dict, proposal_cfg: TestConfig | dict | None = None
-    ) -> tuple[dict[str, Tensor], list[dict[str, Tensor]], AuxPositives]:
-        """Losses, proposals and positives in one pass (what a two-stage detector trains with).
+    ) -> tuple[dict[str, Tensor], list[dict[str, Tensor]], AnchorTargets]:
+        """Losses, proposals and targets in one pass (what a two-stage detector trains with).
 
         Args:
             feats: per level ``Tensor[B, C, H_l, W_l]``.
             batch: ``labkit.data.collate`` output (``gt_bboxes``, ``img_metas``, optional
-                ``gt_labels`` -- only the positives report them, 0 when absent -- and
-                ``gt_bboxes_ignore``).
+                ``gt_labels`` and ``gt_bboxes_ignore``), already validated by the detector.
             proposal_cfg: overrides ``self.train_proposal_cfg``.
 
         Returns:
-            ``(losses, proposals, positives)``: ``{"loss_rpn_cls", "loss_rpn_bbox"}``; per image
+            ``(losses, proposals, targets)``: ``{"loss_rpn_cls", "loss_rpn_bbox"}``; per image
             ``{"boxes": Tensor[N_i, 4], "scores": Tensor[N_i], "labels": zeros}`` (detached,
-            resized-image pixels); ``AuxPositives`` of the sampled positive anchors.
+            resized-image pixels); the ``AnchorTargets`` of the loss.
         """
-        gt_bboxes, gt_labels = batch["gt_bboxes"], _labels_of(batch)
-        gt_ignore = batch.get("gt_bboxes_ignore")
         metas = batch["img_metas"]
-        check_gt_instances(gt_bboxes, gt_labels, _ANY_CLASS, gt_ignore, metas)
         cls_scores, bbox_preds = self(feats)
-        losses, targets = self.loss_and_targets(
+        losses, targets = self.loss_and_targets_by_feat(
             cls_scores,
             bbox_preds,
-            batch_gt_bboxes=gt_bboxes,
+            batch_gt_bboxes=batch["gt_bboxes"],
             batch_img_metas=metas,
-            batch_gt_bboxes_ignore=gt_ignore,
+            batch_gt_bboxes_ignore=batch.get("gt_bboxes_ignore"),
         )
         cfg = self.train_proposal_cfg if proposal_cfg is None else make_proposal_cfg(proposal_cfg)
         proposals = self.predict_by_feat(cls_scores, bbox_preds, batch_img_metas=metas, cfg=cfg)
-        return losses, proposals, self.positives_of(targets, gt_labels)
+        return losses, proposals, targets
 
     # ----------------------------------------------------------------- inference
     def _predict_by_feat_single(

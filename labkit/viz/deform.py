@@ -141,8 +141,8 @@ def capture_decoder_sampling(model: Any, batch: dict, layer: int = -1) -> dict:
 
     handle = attn.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        img, mask = model._inputs(batch)
-        out = model(img, mask)
+        batch = model.inputs(batch, with_gt=False)
+        out = model(batch["img"], batch["padding_mask"])
     finally:
         handle.remove()
     query = seen["query"] + seen["query_pos"]
@@ -158,7 +158,7 @@ def capture_decoder_sampling(model: Any, batch: dict, layer: int = -1) -> dict:
         "attention_weights": weights.cpu(),
         "reference_points": seen["reference_points"].cpu(),
         "spatial_shapes": seen["spatial_shapes"].cpu(),
-        "pad_shape": tuple(img.shape[-2:]),
+        "pad_shape": tuple(batch["img"].shape[-2:]),
         "boxes": out["all_bbox_preds"][-1].cpu(),
         "scores": out["all_cls_scores"][-1].sigmoid().max(-1).values.cpu(),
     }
@@ -173,8 +173,16 @@ def plot_query_sampling(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     axes: Any = None,
+    zoom: bool = True,
+    point_size: float = 14.0,
+    legend: bool = True,
 ) -> Any:
     """A query's sampling points on every level, coloured by head, area by attention weight.
+
+    Each panel is one level. Points are small (area ``point_size * (0.4 + weight / max weight)``,
+    so near-uniform weights stay readable and never hide the boxes); the predicted box is drawn
+    in white and, for box references, the reference box the samples are placed around in
+    dashed yellow.
 
     Args:
         image: Tensor[3, H, W] the (padded, normalized) input image.
@@ -182,8 +190,12 @@ def plot_query_sampling(
         query: which decoder query.
         img_shape: unpadded ``(h, w)`` to scale the predicted box (default: the padded size).
         mean, std: to un-normalize the image for display.
+        zoom: limit every panel to the query's boxes and sampling points (plus a margin)
+            instead of the whole image.
+        legend: add a figure legend (one colour per head, the two boxes).
     """
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     locs = capture["sampling_locations"][batch_index, query]  # [heads, L, P, 2]
     weights = capture["attention_weights"][batch_index, query]  # [heads, L, P]
@@ -200,7 +212,22 @@ def plot_query_sampling(
         (box[1] + box[3] / 2) * h,
     ]
     colors = _head_colors(num_heads)
-    scale = 600.0 / max(float(weights.max()), 1e-6)
+    scale = point_size / max(float(weights.max()), 1e-6)
+    ref = capture["reference_points"][batch_index, query]  # [L, 2 | 4], normalized to the pad
+    ref_boxes = None
+    if ref.shape[-1] == 4:
+        ref_boxes = [
+            [
+                float(r[0] - r[2] / 2) * pad_w, float(r[1] - r[3] / 2) * pad_h,
+                float(r[0] + r[2] / 2) * pad_w, float(r[1] + r[3] / 2) * pad_h,
+            ]
+            for r in ref
+        ]  # fmt: skip
+    xs_all = [float(v) for v in (locs[..., 0] * pad_w).flatten()] + [float(xyxy[0]), float(xyxy[2])]
+    ys_all = [float(v) for v in (locs[..., 1] * pad_h).flatten()] + [float(xyxy[1]), float(xyxy[3])]
+    x0, x1, y0, y1 = min(xs_all), max(xs_all), min(ys_all), max(ys_all)
+    half = 0.55 * max(x1 - x0, y1 - y0, 8.0)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     for lvl, ax in enumerate(np.atleast_1d(axes)):
         show_image(image, ax=ax, mean=mean, std=std)
         lh, lw = capture["spatial_shapes"][lvl].tolist()
@@ -210,18 +237,41 @@ def plot_query_sampling(
             ax.scatter(
                 xs,
                 ys,
-                s=weights[head, lvl] * scale + 2,
+                s=weights[head, lvl] * scale + 0.4 * point_size,
                 color=colors[head],
-                alpha=0.8,
+                alpha=0.9,
                 edgecolors="k",
                 linewidths=0.3,
+                zorder=3,
             )
+        if ref_boxes is not None:
+            draw_boxes(ax, [ref_boxes[lvl]], color="yellow", linewidth=1.0, linestyle="--")
         draw_boxes(ax, [xyxy], color="w", linewidth=1.2)
         share = float(weights[:, lvl].sum() / weights.sum())
         ax.set_title(f"level {lvl} ({lh}x{lw}): {share:.0%} of weight", fontsize=8)
-        ax.set_xlim(0, pad_w)
-        ax.set_ylim(pad_h, 0)
+        if zoom:
+            ax.set_xlim(cx - half, cx + half)
+            ax.set_ylim(cy + half, cy - half)
+        else:
+            ax.set_xlim(0, pad_w)
+            ax.set_ylim(pad_h, 0)
         ax.axis("off")
+    if legend:
+        handles = [
+            Line2D([], [], marker="o", linestyle="", color=colors[hd], markeredgecolor="k",
+                   markeredgewidth=0.3, label=f"head {hd}")
+            for hd in range(num_heads)
+        ]  # fmt: skip
+        handles.append(Line2D([], [], color="0.4", linewidth=1.2, label="predicted box (white)"))
+        if ref_boxes is not None:
+            handles.append(
+                Line2D([], [], color="gold", linestyle="--", label="reference box (yellow)")
+            )
+        fig = np.atleast_1d(axes)[0].figure
+        fig.legend(
+            handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.02),
+            ncol=min(len(handles), 6), fontsize=7, frameon=False,
+        )  # fmt: skip
     return axes
 
 

@@ -1,20 +1,12 @@
-"""One-stage detector = backbone + neck + dense head, and the builder every recipe shares.
+"""One-stage detector = backbone + neck + dense head, and the builder every dense recipe shares.
 
-``SingleStageDetector`` implements labkit's detector interface (the DETR models implement
-the same one), so ``labkit.engine.train.train`` and ``labkit.engine.evaluate`` work with any
-head:
+Follow a batch: :meth:`SingleStageDetector.loss` -> ``Detector.inputs`` (validate, move) ->
+``extract_feat`` (backbone, FPN: ``Tensor[B, C, H_l, W_l]`` per level, finest first) ->
+``head.loss_and_targets(feats, batch)`` (priors, assignment, losses). ``predict`` runs the
+head's decode -> top-k -> NMS instead.
 
-* ``extract_feat(img) -> list[Tensor[B, C, H_l, W_l]]`` (FPN levels, finest first),
-* ``forward(img)`` -> the head's raw per-level outputs (e.g. ``(cls_scores, bbox_preds)``),
-* ``loss(batch) -> {"loss_cls": ..., "loss_bbox": ..., ...}`` (the total is their sum),
-* ``predict(batch, rescale=True) -> [{"boxes", "scores", "labels"}, ...]`` per image.
-
-``batch`` is ``labkit.data.collate``'s output; its tensors are moved to the model's device.
-
-Recipes (``labkit.heads.retina.retinanet``, ``atss.atss``, ``paa.paa``, ``fcos.fcos`` ...) call
-``build_single_stage(head_factory, backbone=..., ...)`` and record themselves as
-``model.recipe = (name, kwargs)``, so a checkpoint can rebuild the model with
-``RECIPES[name](**kwargs)``.
+Recipes (``labkit.recipes.retinanet``, ``atss``, ``paa``, ``fcos`` ...) call
+``build_single_stage(head_factory, backbone=..., ...)``.
 """
 
 from __future__ import annotations
@@ -24,34 +16,14 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from labkit import to_device
-from labkit.heads.dense_head import check_gt_instances
+from labkit.detectors.base import Detector
 
 # Defaults of the small CPU configuration (backbone="tiny"); ResNets use mmdetection's 256 / 4.
 TINY_CHANNELS = 64
 TINY_STACKED_CONVS = 2
 
 
-def _check_batch(batch: object, with_gt: bool) -> None:
-    if not isinstance(batch, dict):
-        raise TypeError(
-            f"batch: expected the dict made by labkit.data.collate, got {type(batch).__name__}"
-        )
-    for key in ("img", "img_metas") + (("gt_bboxes", "gt_labels") if with_gt else ()):
-        if key not in batch:
-            raise ValueError(f"batch: missing key {key!r}")
-    img = batch["img"]
-    if not isinstance(img, Tensor):
-        raise TypeError(f"img: expected a Tensor[B, 3, H, W], got {type(img).__name__}")
-    if img.dim() != 4:
-        raise ValueError(f"img: expected shape [B, 3, H, W], got {tuple(img.shape)}")
-    if len(batch["img_metas"]) != img.shape[0]:
-        raise ValueError(
-            f"img_metas: expected {img.shape[0]} entries (one per image), got {len(batch['img_metas'])}"
-        )
-
-
-class SingleStageDetector(nn.Module):
+class SingleStageDetector(Detector):
     """Backbone -> neck -> dense head.
 
     Args:
@@ -65,15 +37,11 @@ class SingleStageDetector(nn.Module):
         self.backbone = backbone
         self.neck = neck
         self.head = head
-        self.recipe: tuple[str, dict] | None = None
 
     @property
     def num_classes(self) -> int:
         """Foreground classes of the head."""
         return self.head.num_classes
-
-    def _device(self) -> torch.device:
-        return next(self.parameters()).device
 
     def extract_feat(self, img: Tensor) -> list[Tensor]:
         """Pyramid features of ``img: Tensor[B, 3, H, W]``: list of ``Tensor[B, C, H_l, W_l]``."""
@@ -92,20 +60,13 @@ class SingleStageDetector(nn.Module):
         Raises ``ValueError`` / ``TypeError`` naming the argument for malformed ground truth
         (wrong shape, NaN/inf, x2 < x1, labels out of range); images without boxes are fine.
         """
-        batch = self._training_batch(batch)
-        return self.head.loss(self.extract_feat(batch["img"]), batch)
+        return self.loss_and_targets(batch)[0]
 
-    def _training_batch(self, batch: dict) -> dict:
-        """Validate a collated batch with ground truth and move it to the model's device."""
-        _check_batch(batch, with_gt=True)
-        check_gt_instances(
-            batch["gt_bboxes"],
-            batch["gt_labels"],
-            self.head.num_classes,
-            batch.get("gt_bboxes_ignore"),
-            batch["img_metas"],
-        )
-        return to_device(batch, self._device())
+    def loss_and_targets(self, batch: dict) -> tuple[dict[str, Tensor], object]:
+        """The losses and the targets they were computed on (the head's assignment: e.g.
+        ``AnchorTargets`` for RetinaNet/ATSS, ``FCOSTargets`` for FCOS; see each head)."""
+        batch = self.inputs(batch)
+        return self.head.loss_and_targets(self.extract_feat(batch["img"]), batch)
 
     @torch.no_grad()
     def predict(self, batch: dict, rescale: bool = True) -> list[dict[str, Tensor]]:
@@ -114,14 +75,13 @@ class SingleStageDetector(nn.Module):
         Boxes are in original-image pixels when ``rescale`` (divided by ``scale_factor``),
         otherwise in the resized image's. Call ``model.eval()`` first (BatchNorm).
         """
-        _check_batch(batch, with_gt=False)
-        batch = to_device(batch, self._device())
+        batch = self.inputs(batch, with_gt=False)
         feats = self.extract_feat(batch["img"])
         return self.head.predict(feats, batch["img_metas"], rescale=rescale)
 
 
 def build_neck_backbone(
-    backbone: str = "resnet18",
+    backbone: str,
     *,
     fpn_channels: int | None = None,
     add_extra_convs: str = "on_input",
@@ -163,7 +123,7 @@ def build_neck_backbone(
 def build_single_stage(
     head_factory: Callable[[int, int, int], nn.Module],
     *,
-    backbone: str = "resnet18",
+    backbone: str,
     fpn_channels: int | None = None,
     feat_channels: int | None = None,
     stacked_convs: int | None = None,

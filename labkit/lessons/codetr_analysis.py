@@ -1,5 +1,5 @@
-"""Measurements notebook 05 makes on Co-DETR: who is positive, how many per layer, how
-separable the encoder memory is, and a small train-then-evaluate loop for comparisons."""
+"""Measurements notebook 05 makes on Co-DETR: who is positive, how many per layer, and how
+separable the encoder memory is."""
 
 from __future__ import annotations
 
@@ -9,14 +9,13 @@ import torch
 from torch import Tensor
 
 from labkit.boxes import bbox_cxcywh_to_xyxy
-from labkit.codetr.co_detr import CoDETR
+from labkit.detectors.co_detr import CoDETR
 
 __all__ = [
     "OneToOne",
     "encoder_separability",
     "one_to_one_positives",
     "positives_per_layer",
-    "train_and_evaluate",
 ]
 
 
@@ -38,14 +37,13 @@ class OneToOne:
 @torch.no_grad()
 def one_to_one_positives(model: CoDETR, batch: dict) -> list[OneToOne]:
     """Match the last decoder layer to the ground truth as the loss does; one entry per image."""
-    img, mask = model._inputs(batch)
-    out = model(img, mask)
+    batch = model.inputs(batch)
+    out = model(batch["img"], batch["padding_mask"])
     cls, box = out["all_cls_scores"][-1], out["all_bbox_preds"][-1]
     metas = batch["img_metas"]
     shapes = [tuple(int(v) for v in m["img_shape"][:2]) for m in metas]
     results = []
-    gts = [b.to(img.device) for b in batch["gt_bboxes"]]
-    labels = [lab.to(img.device) for lab in batch["gt_labels"]]
+    gts, labels = batch["gt_bboxes"], batch["gt_labels"]
     factors = [box.new_tensor([w, h, w, h]) for h, w in shapes]
     pred_xyxy = torch.stack([bbox_cxcywh_to_xyxy(box[i]) * factors[i] for i in range(len(metas))])
     assigned = model.criterion.assigner.assign_batch(cls, pred_xyxy, gts, labels, shapes)
@@ -86,8 +84,9 @@ def _auc(scores: Tensor, labels: Tensor) -> float:
 
 
 def _pixel_features(model: CoDETR, batch: dict, level: int) -> tuple[Tensor, Tensor, list]:
-    img, mask = model._inputs(batch)
-    out = model(img, mask)
+    batch = model.inputs(batch)
+    img = batch["img"]
+    out = model(img, batch["padding_mask"])
     h, w = out["spatial_shapes"][level].tolist()
     start = int(out["level_start_index"][level])
     memory = out["memory"][:, start : start + h * w]  # [B, hw, C]
@@ -98,7 +97,7 @@ def _pixel_features(model: CoDETR, batch: dict, level: int) -> tuple[Tensor, Ten
     feats, fg, maps = [], [], []
     for i, meta in enumerate(batch["img_metas"]):
         ih, iw = meta["img_shape"][:2]
-        boxes = batch["gt_bboxes"][i].to(img.device)
+        boxes = batch["gt_bboxes"][i]
         inside = (
             (cx[..., None] >= boxes[:, 0])
             & (cx[..., None] <= boxes[:, 2])
@@ -143,16 +142,3 @@ def encoder_separability(
     s1, s0 = scores[y_test], scores[~y_test]
     fisher = float((s1.mean() - s0.mean()) ** 2 / (s1.var() + s0.var()).clamp(min=1e-12))
     return {"auc": _auc(scores, y_test), "fisher_ratio": fisher, "maps": maps}
-
-
-def train_and_evaluate(model, train_loader, val_loader, val_set, config, device=None) -> dict:
-    """Train ``model`` with ``labkit.engine.train.train`` and COCO-evaluate it.
-
-    Returns ``{"history": History, "metrics": coco dict}``.
-    """
-    from labkit.engine.evaluate import evaluate
-    from labkit.engine.train import train
-
-    history = train(model, train_loader, config, device=device)
-    metrics = evaluate(model, val_loader, val_set, device=device, progress=False)
-    return {"history": history, "metrics": metrics}

@@ -1,10 +1,10 @@
-"""Deformable-DETR: backbone, ChannelMapper, deformable encoder/decoder, heads, loss, predict; recipe.
+"""Deformable-DETR: backbone, ChannelMapper, deformable encoder/decoder, heads, loss, predict.
 
 Follows mmdetection 3.x (``DeformableDETR`` + ``DeformableDETRHead``): one-stage or
 two-stage (encoder proposals, top-k), optional iterative box refinement, optional mixed
 query selection (Co-DETR / DINO: learned content queries, positions from the proposals).
 
-    model = deformable_detr(num_classes=5, backbone="tiny", num_queries=50)
+    model = labkit.recipes.deformable_detr(num_classes=5, backbone="tiny", num_queries=50)
     losses = model.loss(batch)           # {"loss_cls", "loss_bbox", "loss_iou", "d0.loss_cls", ...}
     dets = model.eval().predict(batch)   # [{"boxes", "scores", "labels"}] per image
 """
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from labkit._validation import check_boxes, check_labels
+from labkit.detectors.base import Detector
 from labkit.detr.criterion import DETRCriterion
 from labkit.detr.ms_deform_attn import MultiScaleDeformableAttention, level_start_index_from_shapes
 from labkit.detr.positional_encoding import SinePositionalEncoding, proposal_pos_embed
@@ -30,17 +30,7 @@ from labkit.detr.transformer import (
     valid_ratios_from_mask,
 )
 
-__all__ = [
-    "LR_MULT",
-    "DeformableDETR",
-    "deformable_detr",
-    "gen_encoder_output_proposals",
-    "param_groups",
-    "train_config",
-]
-
-# mmdetection's paramwise_cfg for Deformable-DETR / Co-DETR.
-LR_MULT = {"backbone": 0.1, "sampling_offsets": 0.1, "reference_points": 0.1}
+__all__ = ["DeformableDETR", "gen_encoder_output_proposals"]
 
 
 def gen_encoder_output_proposals(
@@ -106,7 +96,7 @@ def _reg_branch(embed_dims: int) -> nn.Sequential:
     )
 
 
-class DeformableDETR(nn.Module):
+class DeformableDETR(Detector):
     """Deformable-DETR detector (detector interface: ``loss(batch)``, ``predict(batch)``).
 
     Args:
@@ -163,7 +153,6 @@ class DeformableDETR(nn.Module):
         self.as_two_stage = as_two_stage
         self.mixed_selection = mixed_selection
         self.max_per_img = max_per_img
-        self.recipe: tuple[str, dict] | None = None
 
         layer = dict(
             embed_dims=embed_dims,
@@ -386,37 +375,13 @@ class DeformableDETR(nn.Module):
         return out
 
     # ------------------------------------------------------------------ detector interface
-    def _device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    def _inputs(self, batch: dict) -> tuple[Tensor, Tensor]:
-        if not isinstance(batch, dict) or "img" not in batch or "img_metas" not in batch:
-            raise ValueError(
-                "batch: expected a collated dict with 'img' and 'img_metas' (labkit.data.collate)"
-            )
-        device = self._device()
-        img = batch["img"].to(device)
-        mask = batch.get("padding_mask")
-        if mask is None:  # rebuild it from img_shape, as mmdetection does
-            mask = torch.ones(img.shape[0], *img.shape[-2:], dtype=torch.bool, device=device)
-            for i, meta in enumerate(batch["img_metas"]):
-                h, w = tuple(meta["img_shape"])[:2]
-                mask[i, :h, :w] = False
-        return img, mask.to(device)
-
     def loss(self, batch: dict) -> dict[str, Tensor]:
         """Training losses of a collated batch (see :class:`DETRCriterion` for the keys)."""
-        img, mask = self._inputs(batch)
-        device = img.device
-        gt_bboxes = [b.to(device) for b in batch["gt_bboxes"]]
-        gt_labels = [lab.to(device) for lab in batch["gt_labels"]]
-        for i, (b, lab) in enumerate(zip(gt_bboxes, gt_labels, strict=True)):
-            check_boxes(b, f"gt_bboxes[{i}]")
-            check_labels(lab, f"gt_labels[{i}]", len(b), self.num_classes)
-        out = self(img, mask)
+        batch = self.inputs(batch)
+        out = self(batch["img"], batch["padding_mask"])
         return self.criterion(
-            out["all_cls_scores"], out["all_bbox_preds"], gt_bboxes, gt_labels, batch["img_metas"],
-            out["enc_outputs_class"], out["enc_outputs_coord"],
+            out["all_cls_scores"], out["all_bbox_preds"], batch["gt_bboxes"], batch["gt_labels"],
+            batch["img_metas"], out["enc_outputs_class"], out["enc_outputs_coord"],
         )  # fmt: skip
 
     @torch.no_grad()
@@ -428,8 +393,8 @@ class DeformableDETR(nn.Module):
             per image ``{"boxes": Tensor[K, 4] xyxy, "scores": Tensor[K], "labels": LongTensor[K]}``,
             boxes clamped to the image and divided by ``scale_factor`` when ``rescale``.
         """
-        img, mask = self._inputs(batch)
-        out = self(img, mask)
+        batch = self.inputs(batch, with_gt=False)
+        out = self(batch["img"], batch["padding_mask"])
         cls_scores, bbox_preds = out["all_cls_scores"][-1], out["all_bbox_preds"][-1]
         return [
             self._predict_single(cls_scores[i], bbox_preds[i], meta, rescale)
@@ -451,103 +416,3 @@ class DeformableDETR(nn.Module):
             factor = boxes.new_tensor(meta["scale_factor"]).flatten()
             boxes = boxes / (factor.repeat(2) if factor.numel() == 2 else factor)
         return {"boxes": boxes, "scores": scores, "labels": labels}
-
-
-def deformable_detr(
-    num_classes: int,
-    backbone: str = "resnet50",
-    num_queries: int = 300,
-    two_stage: bool = True,
-    with_box_refine: bool = True,
-    mixed_selection: bool = False,
-    embed_dims: int | None = None,
-    num_layers: int | None = None,
-    num_points: int = 4,
-    num_heads: int = 8,
-    feedforward_channels: int | None = None,
-    dropout: float = 0.1,
-    max_per_img: int = 100,
-) -> DeformableDETR:
-    """Deformable-DETR (two-stage + box refinement by default, i.e. "Deformable DETR++").
-
-    ResNet C3-C5 (no pretrained weights, BatchNorm trained) -> ChannelMapper (1x1 conv + GN
-    32 per level, one extra stride-2 3x3 conv level) -> 6+6 layers, 256 dims, FFN 1024.
-    ``backbone="tiny"`` is the CPU quick-mode model: 64 dims, 2+2 layers, FFN 128.
-
-    Args:
-        num_classes: foreground classes.
-        backbone: ``"resnet18" | "resnet34" | "resnet50" | "resnet101" | "tiny"``.
-        num_queries, two_stage, with_box_refine, mixed_selection, num_points, num_heads,
-        dropout, max_per_img: see :class:`DeformableDETR`.
-        embed_dims, num_layers (encoder and decoder each), feedforward_channels: ``None`` =
-            the backbone's default above.
-
-    Returns:
-        A :class:`DeformableDETR` with ``model.recipe == ("deformable_detr", {...kwargs})``.
-        Train it with ``labkit.engine.train.train(model, loader, train_config())``.
-    """
-    kwargs = dict(locals())
-    from labkit.nn.backbones import build_backbone
-    from labkit.nn.fpn import ChannelMapper
-
-    tiny = backbone == "tiny"
-    embed_dims = embed_dims or (64 if tiny else 256)
-    num_layers = num_layers or (2 if tiny else 6)
-    feedforward_channels = feedforward_channels or (128 if tiny else 1024)
-    net = build_backbone(backbone, out_indices=(1, 2, 3), **({} if tiny else {"norm_eval": False}))
-    neck = ChannelMapper(
-        net.out_channels, embed_dims, kernel_size=1, num_outs=4, norm="gn", num_groups=32
-    )
-    model = DeformableDETR(
-        net,
-        neck,
-        num_classes,
-        num_queries=num_queries,
-        embed_dims=embed_dims,
-        num_heads=num_heads,
-        num_points=num_points,
-        num_feature_levels=4,
-        num_encoder_layers=num_layers,
-        num_decoder_layers=num_layers,
-        feedforward_channels=feedforward_channels,
-        dropout=dropout,
-        with_box_refine=with_box_refine,
-        as_two_stage=two_stage,
-        mixed_selection=mixed_selection,
-        max_per_img=max_per_img,
-    )
-    model.recipe = ("deformable_detr", kwargs)
-    return model
-
-
-def train_config(**overrides):
-    """mmdetection's Deformable-DETR optimisation as a ``labkit.engine.train.TrainConfig``:
-    AdamW lr 2e-4, weight decay 1e-4, lr x0.1 for backbone / sampling_offsets /
-    reference_points, gradient clipping at L2 norm 0.1, no warm-up, step decay at epoch 40 of 50."""
-    from labkit.engine.train import TrainConfig
-
-    settings = dict(
-        optimizer="adamw",
-        lr=2e-4,
-        weight_decay=1e-4,
-        lr_mult=dict(LR_MULT),
-        max_norm=0.1,
-        warmup_iters=0,
-        epochs=50,
-        milestones=(40,),
-    )
-    settings.update(overrides)
-    return TrainConfig(**settings)
-
-
-def param_groups(
-    model: nn.Module, lr: float = 2e-4, lr_mult: dict[str, float] | None = None
-) -> list[dict]:
-    """AdamW parameter groups: ``lr * 0.1`` for names containing backbone / sampling_offsets /
-    reference_points, ``lr`` otherwise. ``[{"params", "lr", "name", ...}]`` for ``torch.optim``."""
-    from labkit.engine.train import build_param_groups
-
-    groups = build_param_groups(model, LR_MULT if lr_mult is None else lr_mult)
-    for group in groups:
-        group["lr"] = lr * group["lr_mult"]
-    return groups

@@ -1,4 +1,5 @@
-"""A briefly trained Deformable-DETR on the shapes data, for notebook 04's pictures (not for accuracy)."""
+"""Training for lessons: the one train-then-evaluate every notebook uses, and a briefly trained
+Deformable-DETR for notebook 04's pictures (not for accuracy)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,30 @@ from torch.utils.data import Subset
 from labkit.data.collate import make_loader
 from labkit.data.shapes import shapes_dataset
 from labkit.data.transforms import test_transforms, train_transforms
-from labkit.detr.deformable_detr import DeformableDETR, deformable_detr, train_config
+from labkit.detectors.deformable_detr import DeformableDETR
+from labkit.engine.evaluate import evaluate
+from labkit.engine.train import History, TrainConfig, train
+from labkit.recipes import deformable_detr, schedule
 
-__all__ = ["train_on_shapes"]
+__all__ = ["train_and_evaluate", "train_on_shapes"]
+
+
+def train_and_evaluate(
+    model: torch.nn.Module,
+    train_loader: object,
+    val_loader: object,
+    val_set: object,
+    config: TrainConfig,
+    device: torch.device | str | None = None,
+) -> dict:
+    """Train ``model`` with :func:`labkit.engine.train.train`, then COCO-evaluate it on ``val_set``.
+
+    Returns:
+        ``{"history": History, "metrics": {"AP": ..., "AP50": ..., ...}}``.
+    """
+    history: History = train(model, train_loader, config, device=device)
+    metrics = evaluate(model, val_loader, val_set, device=device, progress=False)
+    return {"history": history, "metrics": metrics}
 
 
 def train_on_shapes(
@@ -28,7 +50,7 @@ def train_on_shapes(
     """Train a small two-stage Deformable-DETR with box refinement for ``steps`` optimizer steps.
 
     Uses :func:`labkit.engine.train.train` with the Deformable-DETR optimisation
-    (:func:`train_config`: AdamW, lr x0.1 for backbone / sampling offsets / reference points,
+    (``schedule("deformable_detr")``: AdamW, lr x0.1 for backbone / sampling offsets / reference points,
     gradient clipping 0.1) on the first ``num_images`` shapes training images resized to
     ``image_size``. ``lr`` is higher than the paper's 2e-4 because a handful of steps from
     scratch is all we can afford on a CPU.
@@ -36,8 +58,6 @@ def train_on_shapes(
     Returns:
         ``(model in eval mode, History, val dataset with test transforms)``.
     """
-    from labkit.engine.train import train
-
     torch.manual_seed(seed)
     scale = (image_size, image_size)
     train_set = Subset(
@@ -48,7 +68,8 @@ def train_on_shapes(
     model = deformable_detr(
         5, backbone=backbone, num_queries=num_queries, embed_dims=embed_dims, dropout=0.0
     )
-    config = train_config(
+    config = schedule(
+        "deformable_detr",
         max_iters=steps, lr=lr, log_every=1, progress=False, checkpoint_every=10**6
     )
     history = train(model, loader, config, device=device)
