@@ -15,6 +15,7 @@ SUBCOMMAND_MODULES: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("labkit.data.cli", ("data",), "generate or fetch datasets"),
     ("labkit.engine.cli", ("train", "eval"), "train or evaluate a detector"),
     ("labkit.grading.cli", ("assignments",), "build student notebooks and grade submissions"),
+    ("labkit.zoo", ("zoo",), "list, train or verify the lessons' trained models"),
 )
 
 

@@ -1,0 +1,101 @@
+"""The model zoo: train an entry, store float16 weights with a manifest, load and verify them."""
+
+import json
+
+import pytest
+import torch
+
+from labkit import zoo
+
+TINY = zoo.ZooEntry(
+    "tiny_fcos",
+    "fcos",
+    {"backbone": "tiny", "fpn_channels": 16, "feat_channels": 16},
+    {"data": "shapes", "image_size": 64, "batch_size": 2, "max_iters": 2, "warmup_iters": 0},
+    "a two-step FCOS for the tests",
+)
+
+
+@pytest.fixture
+def trained(tmp_path, monkeypatch):
+    """``tiny_fcos`` trained for two steps into a zoo folder in ``tmp_path``."""
+    monkeypatch.setitem(zoo.ZOO, TINY.name, TINY)
+    root = tmp_path / "zoo"
+    row = zoo.train_entry(TINY.name, seed=3, device="cpu", work_root=tmp_path / "work", root=root)
+    return root, row
+
+
+def test_command_is_a_plain_labkit_train_line(tmp_path):
+    argv = TINY.command(3, tmp_path, "cpu")
+    assert argv[:3] == ["train", "--model", "fcos"]
+    assert "--model-arg" in argv and "backbone='tiny'" in argv
+    assert argv[argv.index("--max-iters") + 1] == "2"
+    assert argv[argv.index("--seed") + 1] == "3" and "--resume" in argv
+    entry = zoo.ZOO["fcos_no_centerness"]
+    assert "centerness=False" in entry.command(0, tmp_path)
+
+
+@pytest.mark.slow
+def test_train_store_list_load_and_verify(trained, monkeypatch, capsys):
+    root, row = trained
+    files = sorted(p.name for p in root.iterdir())
+    assert files == [
+        "MANIFEST.json",
+        "tiny_fcos-seed3.coco.txt",
+        "tiny_fcos-seed3.log.jsonl",
+        "tiny_fcos-seed3.pth",
+    ]
+    assert zoo.manifest(root) == [row]
+    assert row["sha256"] == zoo.sha256_of(root / row["file"]) and row["device"] == "cpu"
+    assert row["command"].startswith("labkit train --model fcos")
+    ckpt = torch.load(root / row["file"], weights_only=True)
+    assert {v.dtype for v in ckpt["model"].values() if v.is_floating_point()} == {torch.float16}
+    assert ckpt["recipe"]["name"] == "fcos" and ckpt["config"]["max_iters"] == 2
+    model = zoo.load(TINY.name, seed=3, root=root)
+    assert not model.training
+    assert next(model.parameters()).dtype == torch.float32
+    half = ckpt["model"]["head.conv_cls.weight"]
+    torch.testing.assert_close(model.head.conv_cls.weight, half.float())
+    # zoo list: the row as text and as JSON
+    monkeypatch.setenv("LABKIT_ZOO", str(root))
+    from labkit.cli import main
+
+    assert main(["zoo", "list", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [row]
+    assert main(["zoo", "list"]) == 0
+    assert f"tiny_fcos{' ' * 15}    3" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_damaged_zoo_file_is_refused(trained):
+    root, row = trained
+    path = root / row["file"]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="corrupt"):
+        zoo.load(TINY.name, seed=3, root=root)
+
+
+def test_unknown_or_untrained_names_are_explained(tmp_path):
+    with pytest.raises(ValueError, match="unknown zoo model 'nope'"):
+        zoo.load("nope", root=tmp_path)
+    with pytest.raises(ValueError, match="seed 0 of 'atss' is not trained"):
+        zoo.load("atss", root=tmp_path)
+    with pytest.raises(ValueError, match="unknown zoo model"):
+        zoo.train_entry("nope")
+
+
+def test_train_minutes_counts_each_iteration_once(tmp_path):
+    log = tmp_path / "log.jsonl"
+    lines = [
+        {"mode": "train", "iter": 10, "time": 0.5},
+        {"mode": "train", "iter": 20, "time": 1.0},
+        {"mode": "val", "iter": 20, "AP": 0.1},
+        # a resume from iteration 10 logs iteration 20 again, then goes on
+        {"mode": "train", "iter": 20, "time": 2.0},
+        {"mode": "train", "iter": 30, "time": 1.0},
+    ]
+    log.write_text("\n".join(json.dumps(x) for x in lines))
+    # 10 x 0.5 + 10 x 2.0 + 10 x 1.0 seconds
+    assert zoo._train_minutes(log) == pytest.approx(35 / 60)
