@@ -32,7 +32,16 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ZOO", "ZooEntry", "load", "manifest", "register", "train_entry", "zoo_dir"]
+__all__ = [
+    "ZOO",
+    "ZooEntry",
+    "compare",
+    "load",
+    "manifest",
+    "register",
+    "train_entry",
+    "zoo_dir",
+]
 
 
 @dataclass(frozen=True)
@@ -207,6 +216,33 @@ def load(
     model = RECIPES[recipe["name"]].build(**recipe["kwargs"])
     load_checkpoint(path, model)
     return model.to(device).eval()
+
+
+def compare(names: list[str], metric: str = "AP", root: Path | None = None) -> list[dict]:
+    """Per zoo name: the recorded ``metric`` of every trained seed, their mean and sample std.
+
+    Returns ``[{"name", "seeds": [...], "values": [...], "n", "mean", "std"}, ...]`` in the
+    order of ``names``; ``mean``/``std`` are ``None`` without seeds, ``std`` is ``None`` for one.
+    A lesson shows these (never a single live run) when it compares detectors.
+    """
+    import statistics
+
+    rows = manifest(root)
+    out = []
+    for name in names:
+        mine = [r for r in rows if r["name"] == name]
+        values = [float(r[metric]) for r in mine]
+        out.append(
+            {
+                "name": name,
+                "seeds": [r["seed"] for r in mine],
+                "values": values,
+                "n": len(values),
+                "mean": statistics.fmean(values) if values else None,
+                "std": statistics.stdev(values) if len(values) > 1 else None,
+            }
+        )
+    return out
 
 
 def _train_minutes(log_path: Path) -> float:

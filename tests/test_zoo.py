@@ -99,3 +99,16 @@ def test_train_minutes_counts_each_iteration_once(tmp_path):
     log.write_text("\n".join(json.dumps(x) for x in lines))
     # 10 x 0.5 + 10 x 2.0 + 10 x 1.0 seconds
     assert zoo._train_minutes(log) == pytest.approx(35 / 60)
+
+
+def test_compare_gives_mean_and_sample_std_over_seeds(tmp_path):
+    rows = [
+        {"name": "atss", "seed": s, "AP": ap, "AP50": 0.5}
+        for s, ap in ((0, 0.30), (1, 0.34), (2, 0.32))
+    ] + [{"name": "retinanet", "seed": 0, "AP": 0.2, "AP50": 0.4}]
+    (tmp_path / "MANIFEST.json").write_text(json.dumps({"models": rows}))
+    atss, retina, paa = zoo.compare(["atss", "retinanet", "paa"], root=tmp_path)
+    assert atss["seeds"] == [0, 1, 2] and atss["n"] == 3
+    assert atss["mean"] == pytest.approx(0.32) and atss["std"] == pytest.approx(0.02)
+    assert retina["mean"] == pytest.approx(0.2) and retina["std"] is None
+    assert paa == {"name": "paa", "seeds": [], "values": [], "n": 0, "mean": None, "std": None}
