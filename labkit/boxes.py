@@ -116,9 +116,15 @@ def _check_overlap_inputs(
     bboxes1: object, bboxes2: object, mode: str, is_aligned: bool, check: bool
 ) -> tuple[Tensor, Tensor]:
     check_choice(mode, "mode", OVERLAP_MODES)
+    check_tensor(bboxes1, "bboxes1")
+    check_tensor(bboxes2, "bboxes2")
+    if bboxes1.device != bboxes2.device:
+        raise ValueError(
+            f"bboxes1, bboxes2: expected both on one device, got bboxes1 on {bboxes1.device} "
+            f"and bboxes2 on {bboxes2.device} (move one with .to(other.device))"
+        )
     pair = []
     for boxes, name in ((bboxes1, "bboxes1"), (bboxes2, "bboxes2")):
-        boxes = check_tensor(boxes, name)
         # mmdet accepts an empty [0, 0] tensor as "no boxes"; keep that convenience.
         if boxes.dim() == 2 and boxes.shape[0] == 0 and boxes.shape[1] != 4:
             boxes = boxes.reshape(0, 4)

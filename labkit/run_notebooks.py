@@ -12,6 +12,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import os
 import re
 import statistics
@@ -694,6 +695,20 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_seconds(text: str) -> float:
+    """``--timeout``'s type: a finite number of seconds > 0 (``--timeout -5`` used to reach
+    the kernel as no limit at all)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (0 < value < math.inf):
+        raise argparse.ArgumentTypeError(
+            f"expected a positive number of seconds (omit the option for no limit), got {text!r}"
+        )
+    return value
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``labkit notebooks run`` and ``labkit notebooks list``."""
     nb = subparsers.add_parser("notebooks", help="run or list the numbered notebooks")
@@ -748,7 +763,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--jobs", "-j", type=int, default=1, help="notebooks run in parallel")
     run.add_argument("--out", default="build", help="output folder (default: build)")
     run.add_argument(
-        "--timeout", type=float, default=None, help="seconds allowed per cell (default: none)"
+        "--timeout",
+        type=_positive_seconds,
+        default=None,
+        help="seconds allowed per cell, > 0 (default: none)",
     )
     run.add_argument("--kernel", default=KERNEL_NAME, help="Jupyter kernel (default: labkit)")
     run.add_argument("--no-html", action="store_true", help="skip the HTML rendering")

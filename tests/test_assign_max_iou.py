@@ -151,3 +151,45 @@ def test_assign_result_add_gt_and_repr():
     assert r.labels.tolist() == [5, 6, -1, 5, -1]
     assert r.num_preds == 5
     assert "positive=3" in repr(r) and "ignored=1" in repr(r)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "match"),
+    [
+        ((float("nan"), 0.4), {}, r"pos_iou_thr: expected an IoU in \[0, 1\], got nan"),
+        ((float("inf"), 0.4), {}, r"pos_iou_thr: expected an IoU in \[0, 1\], got inf"),
+        ((1.5, 0.4), {}, r"pos_iou_thr: expected an IoU in \[0, 1\], got 1.5"),
+        ((0.5, float("nan")), {}, r"neg_iou_thr: expected an IoU in \[0, 1\], got nan"),
+        ((0.5, -0.1), {}, r"neg_iou_thr: expected an IoU in \[0, 1\], got -0.1"),
+        ((0.5, (0.1, float("inf"))), {}, r"neg_iou_thr: expected an IoU in \[0, 1\], got \(0.1, inf\)"),
+        ((0.5, (0.3, 0.1)), {}, r"neg_iou_thr: expected low <= high, got \(0.3, 0.1\)"),
+        (
+            (0.3, 0.6),
+            {},
+            r"neg_iou_thr: expected at most pos_iou_thr \(0.3\), got 0.6 \(a prior cannot be",
+        ),
+        ((0.5, (0.1, 0.6)), {}, r"neg_iou_thr: expected at most pos_iou_thr \(0.5\), got \(0.1, 0.6\)"),
+        ((0.5, 0.4), {"min_pos_iou": float("nan")}, r"min_pos_iou: expected an IoU in \[0, 1\], got nan"),
+        ((0.5, 0.4), {"min_pos_iou": -1.0}, r"min_pos_iou: expected an IoU in \[0, 1\], got -1.0"),
+    ],
+)  # fmt: skip
+def test_bad_thresholds_name_the_argument(args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MaxIoUAssigner(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("pos", "neg", "min_pos"),
+    [
+        (0.5, 0.4, 0.0),  # RetinaNet
+        (0.7, 0.3, 0.3),  # RPN
+        (0.5, 0.5, 0.5),  # RoI head: equal thresholds
+        (0.7, (0.3, 0.7), 0.3),  # a (low, high) range ending at pos
+        (0.1, 0.1, 0.0),  # PAA's first stage
+        (1.0, 0.2, 0.0),  # YOLOF-style GridAssigner extreme
+        (0.7, 0.7, 0.3),  # Cascade RPN's second stage
+    ],
+)
+def test_mmdetection_configurations_are_accepted(pos, neg, min_pos):
+    assigner = MaxIoUAssigner(pos, neg, min_pos_iou=min_pos)
+    assert assigner.pos_iou_thr == pos and assigner.min_pos_iou == min_pos

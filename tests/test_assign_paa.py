@@ -118,3 +118,86 @@ def test_bad_arguments():
         paa_reassign(*args, [10, 10], num_classes=C, covariance_type="none")
     with pytest.raises(ValueError, match="pos_losses"):
         paa_reassign(pos_losses[:3], *args[1:], [10, 10], num_classes=C)
+
+
+def test_duplicate_pos_inds_are_refused():
+    # Prior 1 listed twice (for GT 0 and GT 3): num_pos would count it twice.
+    pos_losses, labels, lw, bw, pos_inds, pos_gt_inds = hand_case()
+    pos_inds = pos_inds.clone()
+    pos_inds[8] = 1
+    for backend in ("torch", "sklearn"):
+        with pytest.raises(
+            ValueError, match=r"^pos_inds: expected each prior at most once, got duplicates \[1\]$"
+        ):
+            paa_reassign(
+                pos_losses,
+                labels,
+                lw,
+                bw,
+                pos_inds,
+                pos_gt_inds,
+                [10, 10],
+                num_classes=C,
+                backend=backend,
+            )
+    with pytest.raises(ValueError, match=r"pos_inds: expected each prior at most once"):
+        paa_select(pos_losses, pos_inds, pos_gt_inds, [10, 10])
+    # Unsorted but distinct indices are fine and give the sorted result.
+    order = torch.tensor([8, 0, 7, 1, 6, 2, 5, 3, 4])
+    _, labels_b, lw_b, bw_b, inds_b, gts_b = hand_case()
+    out, _, _, num_pos = paa_reassign(
+        hand_case()[0][order],
+        labels_b,
+        lw_b,
+        bw_b,
+        inds_b[order],
+        gts_b[order],
+        [10, 10],
+        num_classes=C,
+    )
+    assert torch.nonzero(out < C).flatten().tolist() == [0, 1, 2, 6] and num_pos == 4
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_losses_name_pos_losses(bad):
+    pos_losses, labels, lw, bw, pos_inds, pos_gt_inds = hand_case()
+    pos_losses = pos_losses.clone()
+    pos_losses[4] = bad
+    match = (
+        rf"^pos_losses: expected finite losses, got {bad} at 1 position\(s\) \[4\] "
+        r"\(prior indices \[6\]\); the first-stage loss diverged$"
+    )
+    for backend in ("torch", "sklearn"):
+        with pytest.raises(ValueError, match=match):
+            paa_reassign(
+                pos_losses,
+                labels,
+                lw,
+                bw,
+                pos_inds,
+                pos_gt_inds,
+                [10, 10],
+                num_classes=C,
+                backend=backend,
+            )
+    with pytest.raises(ValueError, match=match):
+        paa_select(pos_losses, pos_inds, pos_gt_inds, [10, 10])
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda i, g: (i.float(), g), r"^pos_inds: expected an integer \(int64\) tensor, got dtype torch.float32$"),
+        (lambda i, g: (i, g.float()), r"^pos_gt_inds: expected an integer \(int64\) tensor, got dtype torch.float32$"),
+        (lambda i, g: (i.index_fill(0, torch.tensor([8]), 20), g), r"^pos_inds: expected prior indices in \[0, 19\] \(sum\(num_level_anchors\) = 20 priors\), got values in \[0, 20\]$"),
+        (lambda i, g: (i.index_fill(0, torch.tensor([0]), -1), g), r"^pos_inds: expected prior indices in \[0, 19\] \(sum\(num_level_anchors\) = 20 priors\), got values in \[-1, 15\]$"),
+        (lambda i, g: (i, g.index_fill(0, torch.tensor([3]), -2)), r"^pos_gt_inds: expected 0-based GT indices >= 0, got -2$"),
+    ],
+)  # fmt: skip
+def test_bad_index_tensors_name_the_argument(edit, match):
+    pos_losses, labels, lw, bw, pos_inds, pos_gt_inds = hand_case()
+    pos_inds, pos_gt_inds = edit(pos_inds, pos_gt_inds)
+    with pytest.raises(ValueError, match=match):
+        paa_reassign(pos_losses, labels, lw, bw, pos_inds, pos_gt_inds, [10, 10], num_classes=C)
+    with pytest.raises(ValueError, match=match):
+        paa_select(pos_losses, pos_inds, pos_gt_inds, [10, 10])

@@ -363,3 +363,17 @@ def test_delta2bbox_function_matches_coder():
         coder.decode(rois, deltas, max_shape=(64, 80)),
         delta2bbox(rois, deltas, stds=(0.1, 0.1, 0.2, 0.2), max_shape=(64, 80)),
     )
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_overlap_of_boxes_on_two_devices_names_both(check):
+    on_cpu = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    on_meta = torch.empty(3, 4, device="meta")
+    match = (
+        r"^bboxes1, bboxes2: expected both on one device, got bboxes1 on cpu and bboxes2 on "
+        r"meta \(move one with \.to\(other\.device\)\)$"
+    )
+    with pytest.raises(ValueError, match=match):
+        bbox_overlaps(on_cpu, on_meta, check=check)
+    with pytest.raises(ValueError, match="got bboxes1 on meta and bboxes2 on cpu"):
+        bbox_overlaps(on_meta, on_cpu, is_aligned=True, check=check)

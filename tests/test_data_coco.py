@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -198,3 +199,61 @@ def test_bad_arguments(ds):
         CocoDetection(ANN, IMAGES, classes=["zebra"])
     with pytest.raises(IndexError):
         ds[3]
+
+
+def test_16bit_png_is_scaled_not_clipped(tmp_path):
+    from PIL import Image
+
+    ramp = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    with Image.open(tmp_path / "ramp.png") as im:
+        assert im.mode == "I;16"  # a real 16-bit PNG, as PIL reads it
+    img = load_image(tmp_path / "ramp.png")
+    assert img.dtype == np.uint8 and img.shape == (256, 256, 3)
+    expected = np.round(ramp.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    for channel in range(3):
+        np.testing.assert_array_equal(img[..., channel], expected)
+    assert img[0, 0, 0] == 0 and img[-1, -1, 0] == 255
+    # 257 input values per output level (half a level at 0 and at 255): not 99.6 % at 255.
+    assert int((img[..., 0] == 255).sum()) == 129
+    assert int((img[..., 0] == 128).sum()) == 257
+
+
+def test_32bit_float_image_is_refused_naming_the_file(tmp_path):
+    from PIL import Image
+
+    Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32)).save(tmp_path / "f.tif")
+    with pytest.raises(ValueError, match=r"path: '.*f\.tif' is a 'F'-mode image"):
+        load_image(tmp_path / "f.tif")
+
+
+def test_decompression_bomb_names_the_file(monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # a.png is 40x30 = 1200 > 2 * 100
+    with pytest.raises(Image.DecompressionBombError, match=r"path: '.*a\.png' is too large"):
+        load_image(IMAGES / "a.png")
+
+
+def test_json_size_disagreeing_with_the_file_warns_once_and_uses_the_file(tmp_path):
+    data = _base()
+    data["images"][0].update(width=10, height=10)  # a.png is really 40x30
+    ds = CocoDetection(_write(tmp_path, data), IMAGES)
+    # Against the JSON's 10x10 the box at x = 20..35.5 lies outside the image.
+    assert ds.get_ann_info(0)["bboxes"].shape == (1, 4)
+    with pytest.warns(UserWarning) as record:
+        item = ds[0]
+    assert [str(w.message) for w in record] == [
+        f"{ds.ann_file}: image 'a.png' (id 7) is 40x30 (width x height) but the JSON says "
+        "10x10; using the image's size"
+    ]
+    torch.testing.assert_close(
+        item["gt_bboxes"], torch.tensor([[2.5, 3.0, 12.5, 15.0], [20.0, 5.0, 35.5, 25.0]])
+    )
+    assert item["gt_labels"].tolist() == [1, 0]
+    assert item["img_meta"]["ori_shape"] == (30, 40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per file: no second warning
+        again = ds[0]
+        ds[1]  # b.png matches its JSON entry: no warning
+    torch.testing.assert_close(again["gt_bboxes"], item["gt_bboxes"])

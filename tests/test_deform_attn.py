@@ -1,6 +1,7 @@
 """Multi-scale deformable attention: the PyTorch reference and the mmcv-compatible module."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -305,3 +306,57 @@ def test_value_proj_ratio():
     )
     with pytest.raises(ValueError, match="value_proj_ratio"):
         MultiScaleDeformableAttention(16, 4, value_proj_ratio=0.2)
+
+
+def test_one_dimensional_spatial_shapes_are_named():
+    match = r"^spatial_shapes: expected shape \[L, 2\] \(h, w\), got \(2,\) \(one level\? use \[\[h, w\]\]\)$"
+    with pytest.raises(ValueError, match=match):
+        level_start_index_from_shapes(torch.tensor([4, 5]))
+    value, shapes, locs, weights = _random_problem(shapes=((4, 5),))
+    with pytest.raises(ValueError, match=match):
+        multi_scale_deformable_attn(value, torch.tensor([4, 5]), None, locs, weights)
+    attn = MultiScaleDeformableAttention(16, 4, 1, 3, batch_first=True)
+    query, value, _, ref, _ = _module_inputs(shapes=((4, 5),))
+    with pytest.raises(ValueError, match=match):
+        attn(query, value=value, reference_points=ref, spatial_shapes=torch.tensor([4, 5]))
+    with pytest.raises(ValueError, match=match):
+        attn.sample(query, value, ref, torch.tensor([4, 5]))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_value_batch_or_channel_mismatch_names_value(batch_first):
+    attn = MultiScaleDeformableAttention(16, 4, 2, 3, batch_first=batch_first)
+    query, value, _, ref, shapes = _module_inputs()  # bs 2, 26 keys, 16 channels
+    if batch_first:
+        layout, batch_dim = "[bs, num_keys, c]", 0
+    else:
+        query, value = query.transpose(0, 1), value.transpose(0, 1)
+        layout, batch_dim = "[num_keys, bs, c]", 1
+    three = torch.cat([value, value.narrow(batch_dim, 0, 1)], batch_dim)
+    cases = [
+        (
+            three,
+            f"value: expected batch size 2 (query's) in dim {batch_dim} of {layout}, got shape "
+            f"{tuple(three.shape)}",
+        ),
+        (
+            value[..., :8],
+            f"value: expected 16 channels (embed_dims) in dim 2 of {layout}, got shape "
+            f"{tuple(value[..., :8].shape)}",
+        ),
+        (value.select(batch_dim, 0), f"value: expected shape {layout}, got (26, 16)"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            attn(query, value=bad, reference_points=ref, spatial_shapes=shapes)
+
+
+def test_triton_backend_on_cpu_names_the_backend(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    value, shapes, locs, weights = _random_problem(dtype=torch.float32)
+    starts = level_start_index_from_shapes(shapes)
+    with pytest.raises(
+        ValueError,
+        match=r"^backend: 'triton' runs on CUDA tensors, got value on cpu; use backend='pytorch'",
+    ):
+        multi_scale_deformable_attn(value, shapes, starts, locs, weights, backend="triton")

@@ -383,3 +383,21 @@ def test_metrics_table_handles_non_numeric_missing_and_all_failed():
     assert printed[4].split() == ["loss", "1", "-", "1", "±", "-", "1"]
     assert printed[6].split() == ["02_b.ipynb", "-", "failed", "failed", "0"]
     assert printed[-1] == "4 run(s) of 2 notebook(s) x 2 seed(s), 2 failed"
+
+
+@pytest.mark.parametrize("value", ["-5", "0", "nan", "inf", "soon"])
+def test_non_positive_timeout_is_refused(nb_dir, tmp_path, papermill_calls, capsys, value):
+    with pytest.raises(SystemExit) as exit_info:
+        _run(nb_dir, tmp_path / "build", f"--timeout={value}")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].endswith(
+        "error: argument --timeout: expected a positive number of seconds (omit the option "
+        f"for no limit), got {value!r}"
+    )
+    assert papermill_calls == []
+
+
+def test_positive_timeout_reaches_papermill(nb_dir, tmp_path, papermill_calls):
+    assert _run(nb_dir, tmp_path / "build", "--no-html", "--timeout", "2.5") == 0
+    assert papermill_calls[0]["execution_timeout"] == 2.5

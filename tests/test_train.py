@@ -457,3 +457,60 @@ def test_cli_argument_parsers():
     assert parse_model_arg("aux=('atss',)") == ("aux", ("atss",))
     with pytest.raises(argparse.ArgumentTypeError, match="model-arg"):
         parse_model_arg("oops")
+
+
+@pytest.mark.parametrize(
+    ("classes", "match"),
+    [
+        (
+            ("circle", "square", "triangle"),
+            r"^labkit eval: --data: 'other\.json' has the same classes in another order than "
+            r"the checkpoint: \['circle', 'square', 'triangle'\] vs recipe\.classes "
+            r"\['square', 'circle', 'triangle'\]; label i must be the same class in both",
+        ),
+        (
+            ("square", "circle", "star"),
+            r"^labkit eval: --data: 'other\.json' has other classes than the checkpoint: "
+            r"\['square', 'circle', 'star'\] vs recipe\.classes",
+        ),
+        (
+            ("a", "b", "c", "d", "e"),
+            r"^labkit eval: --data: 'other\.json' has 5 classes \['a', 'b', 'c', 'd', 'e'\] but "
+            r"the checkpoint's model predicts 3 \(recipe\.classes \['square', 'circle', "
+            r"'triangle'\]\); evaluate on data with the classes it was trained on$",
+        ),
+    ],
+)
+def test_cli_eval_refuses_other_classes_before_inference(tmp_path, monkeypatch, classes, match):
+    import argparse
+
+    from labkit.engine import cli
+    from labkit.engine.checkpoint import save_checkpoint
+
+    built = []
+    recipes = {"tiny": Recipe("tiny", lambda **kw: built.append(kw) or TinyDetector(), quiet(), "")}
+    trained = ["square", "circle", "triangle"]
+    path = save_checkpoint(
+        tmp_path / "c.pth",
+        {
+            "model": TinyDetector().state_dict(),
+            "recipe": {"name": "tiny", "kwargs": {"num_classes": 3}, "classes": trained},
+        },
+    )
+
+    class Data(BoxDataset):
+        pass
+
+    Data.classes, Data.num_classes = classes, len(classes)
+    monkeypatch.setattr(cli, "build_dataset", lambda spec, split, size: Data(2))
+
+    def no_inference(*args, **kwargs):
+        raise AssertionError("inference ran")
+
+    monkeypatch.setattr("labkit.engine.evaluate.evaluate", no_inference)
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers(dest="command"), recipes=recipes)
+    args = parser.parse_args(["eval", "--checkpoint", str(path), "--data", "other.json"])
+    with pytest.raises(SystemExit, match=match):
+        args.func(args)
+    assert built == []  # refused before even building the model

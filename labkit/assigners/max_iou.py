@@ -126,6 +126,15 @@ def low_quality_reference(
     return gt_inds
 
 
+def _check_iou(value: object, name: str, shown: object = None) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is a real number in ``[0, 1]``."""
+    ok = isinstance(value, Real) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+    if not ok:  # NaN fails the comparison too
+        raise ValueError(
+            f"{name}: expected an IoU in [0, 1], got {value if shown is None else shown!r}"
+        )
+
+
 class MaxIoUAssigner:
     """Assign each prior to the ground truth it overlaps most (mmdetection ``MaxIoUAssigner``).
 
@@ -134,7 +143,10 @@ class MaxIoUAssigner:
         neg_iou_thr: a float (negative when the best IoU is in ``[0, thr)``) or a
             ``(low, high)`` pair (negative in ``[low, high)``); between the thresholds a prior
             is ignored (``gt_inds = -1``).
-        min_pos_iou: the least IoU a low-quality match needs.
+            Thresholds are IoUs in ``[0, 1]`` and ``neg_iou_thr`` (its ``high``) may not
+            exceed ``pos_iou_thr``; equal is fine (RoI heads use 0.5 / 0.5), as are
+            mmdetection's configs (RetinaNet 0.5 / 0.4, RPN 0.7 / 0.3, ``(0.3, 0.7)``).
+        min_pos_iou: the least IoU a low-quality match needs (in ``[0, 1]``).
         gt_max_assign_all: in low-quality matching, give a GT every prior tied at its best IoU
             (not only the first).
         ignore_iof_thr: priors whose IoF with any ignore box exceeds it are ignored (``> 0``
@@ -158,12 +170,28 @@ class MaxIoUAssigner:
     ) -> None:
         if not isinstance(pos_iou_thr, Real):
             raise TypeError(f"pos_iou_thr: expected a number, got {type(pos_iou_thr).__name__}")
+        _check_iou(pos_iou_thr, "pos_iou_thr")
         if not isinstance(neg_iou_thr, Real):
             if not isinstance(neg_iou_thr, (tuple, list)) or len(neg_iou_thr) != 2:
                 raise ValueError(
                     f"neg_iou_thr: expected a float or a (low, high) pair, got {neg_iou_thr!r}"
                 )
+            for bound in neg_iou_thr:
+                _check_iou(bound, "neg_iou_thr", neg_iou_thr)
+            if neg_iou_thr[0] > neg_iou_thr[1]:
+                raise ValueError(f"neg_iou_thr: expected low <= high, got {tuple(neg_iou_thr)}")
             neg_iou_thr = (float(neg_iou_thr[0]), float(neg_iou_thr[1]))
+            neg_high = neg_iou_thr[1]
+        else:
+            _check_iou(neg_iou_thr, "neg_iou_thr")
+            neg_high = neg_iou_thr
+        if neg_high > pos_iou_thr:
+            # Equal is valid (RoI heads: 0.5 / 0.5): every prior is then negative or positive.
+            raise ValueError(
+                f"neg_iou_thr: expected at most pos_iou_thr ({pos_iou_thr}), got {neg_iou_thr!r}"
+                " (a prior cannot be negative above the IoU that makes it positive)"
+            )
+        _check_iou(min_pos_iou, "min_pos_iou")
         self.pos_iou_thr = pos_iou_thr
         self.neg_iou_thr = neg_iou_thr
         self.min_pos_iou = min_pos_iou

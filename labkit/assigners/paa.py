@@ -171,6 +171,63 @@ def _select_candidates(
     return cand.view(num_gt, num_levels * topk), valid.view(num_gt, num_levels * topk)
 
 
+def _check_positives(
+    pos_losses: Tensor, pos_inds: Tensor, pos_gt_inds: Tensor, num_priors: int
+) -> tuple[Tensor, Tensor]:
+    """Check the positives' tensors, naming the bad one; returns ``(pos_inds, pos_gt_inds)``
+    as int64. Duplicate ``pos_inds`` are refused (a prior is one GT's positive at most, and
+    ``num_pos`` counts priors): deduplicating would have to pick a GT for the prior."""
+    if not (pos_losses.shape == pos_inds.shape == pos_gt_inds.shape) or pos_inds.dim() != 1:
+        raise ValueError(
+            "pos_losses, pos_inds, pos_gt_inds: expected three [P] tensors, got shapes "
+            f"{tuple(pos_losses.shape)}, {tuple(pos_inds.shape)}, {tuple(pos_gt_inds.shape)}"
+        )
+    if not pos_losses.is_floating_point():
+        raise ValueError(
+            f"pos_losses: expected a floating point tensor, got dtype {pos_losses.dtype}"
+        )
+    for tensor, name in ((pos_inds, "pos_inds"), (pos_gt_inds, "pos_gt_inds")):
+        if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+            raise ValueError(
+                f"{name}: expected an integer (int64) tensor, got dtype {tensor.dtype}"
+            )
+    pos_inds, pos_gt_inds = pos_inds.long(), pos_gt_inds.long()
+    if pos_inds.numel() == 0:
+        return pos_inds, pos_gt_inds
+    finite = torch.isfinite(pos_losses)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().squeeze(1)
+        raise ValueError(
+            f"pos_losses: expected finite losses, got {pos_losses[bad[0]].item()} at "
+            f"{bad.numel()} position(s) {_listing(bad)} (prior indices {_listing(pos_inds[bad])}); "
+            "the first-stage loss diverged"
+        )
+    low, high = int(pos_inds.min()), int(pos_inds.max())
+    if low < 0 or high >= num_priors:
+        raise ValueError(
+            f"pos_inds: expected prior indices in [0, {num_priors - 1}] "
+            f"(sum(num_level_anchors) = {num_priors} priors), got values in [{low}, {high}]"
+        )
+    if int(pos_gt_inds.min()) < 0:
+        raise ValueError(
+            f"pos_gt_inds: expected 0-based GT indices >= 0, got {int(pos_gt_inds.min())}"
+        )
+    # Ascending (the usual case, from nonzero()) is checked in one pass; else sort.
+    if not bool((pos_inds[1:] > pos_inds[:-1]).all()):
+        uniq, counts = torch.unique(pos_inds, return_counts=True)
+        if uniq.numel() != pos_inds.numel():
+            raise ValueError(
+                f"pos_inds: expected each prior at most once, got duplicates "
+                f"{_listing(uniq[counts > 1])}"
+            )
+    return pos_inds, pos_gt_inds
+
+
+def _listing(values: Tensor, limit: int = 5) -> str:
+    shown = ", ".join(str(v) for v in values[:limit].tolist())
+    return f"[{shown}{', ...' if values.numel() > limit else ''}]"
+
+
 def paa_select(
     pos_losses: Tensor,
     pos_inds: Tensor,
@@ -189,6 +246,12 @@ def paa_select(
         topk: candidates per level per GT.
         covariance_type: ``"full"``, ``"tied"``, ``"diag"`` or ``"spherical"``.
     """
+    check_tensor(pos_losses, "pos_losses")
+    check_tensor(pos_inds, "pos_inds")
+    check_tensor(pos_gt_inds, "pos_gt_inds")
+    pos_inds, pos_gt_inds = _check_positives(
+        pos_losses, pos_inds, pos_gt_inds, sum(num_level_anchors)
+    )
     with torch.no_grad():
         sel, _ = _select(
             pos_losses, pos_inds, pos_gt_inds, num_level_anchors, topk, covariance_type
@@ -310,7 +373,9 @@ def paa_reassign(
         labels: ``LongTensor[N]`` first-stage labels (``num_classes`` = background).
         label_weights: ``Tensor[N]``.
         bbox_weights: ``Tensor[N, 4]``.
-        pos_inds: ``LongTensor[P]`` prior indices of the first-stage positives.
+        pos_inds: ``LongTensor[P]`` prior indices of the first-stage positives, each in
+            ``[0, N)`` and each at most once (duplicates raise ``ValueError``: a prior is
+            the positive of one GT, and ``num_pos`` counts priors).
         pos_gt_inds: ``LongTensor[P]`` their 0-based GT indices.
         num_level_anchors: ``list[int]`` priors per level, summing to ``N``.
         num_classes: ``C``; re-assigned priors get label ``C``.
@@ -320,6 +385,9 @@ def paa_reassign(
 
     Returns:
         ``(labels, label_weights, bbox_weights, num_pos)`` after re-assignment.
+
+    Raises ``ValueError`` naming the argument for NaN/inf ``pos_losses``, float, negative,
+    out-of-range or duplicate indices.
     """
     check_choice(backend, "backend", BACKENDS)
     check_choice(covariance_type, "covariance_type", COVARIANCE_TYPES)
@@ -344,6 +412,7 @@ def paa_reassign(
         )
     if not isinstance(topk, int) or topk < 1:
         raise ValueError(f"topk: expected a positive integer, got {topk!r}")
+    pos_inds, pos_gt_inds = _check_positives(pos_losses, pos_inds, pos_gt_inds, labels.shape[0])
     if len(pos_inds) == 0:
         return labels, label_weights, bbox_weights, 0
     labels_in, bbox_weights_in = labels, bbox_weights

@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -19,10 +20,36 @@ from labkit.data.transforms import ToTensor
 __all__ = ["CocoDetection", "load_image", "validate_coco"]
 
 
+def _scale_16bit(values: np.ndarray) -> np.ndarray:
+    """uint8 ``round(v * 255 / 65535)`` of 16-bit values (``v / 257`` is never a tie)."""
+    return ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+
+
 def load_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file as a uint8 RGB array ``[H, W, 3]`` (grey and RGBA are converted)."""
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    """Read an image file as a uint8 RGB array ``[H, W, 3]`` (grey and RGBA are converted).
+
+    16-bit grey images (PNG's ``I;16`` and, from a PNG, ``I``) are scaled to 8 bits,
+    ``round(v * 255 / 65535)``, instead of PIL's clipping at 255. Other integer or float
+    images (32-bit ``I`` TIFFs, ``F``) have no known range and raise ``ValueError`` naming
+    the file, as does an image PIL refuses as a decompression bomb.
+    """
+    try:
+        with Image.open(path) as im:
+            if im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG"):
+                grey = _scale_16bit(np.asarray(im).astype(np.int64).clip(0, 65535))
+                return np.repeat(grey[:, :, None], 3, axis=2)
+            if im.mode in ("I", "F"):
+                raise ValueError(
+                    f"path: {os.fspath(path)!r} is a {im.mode!r}-mode image (32-bit "
+                    f"{'integer' if im.mode == 'I' else 'float'}) with no known value range; "
+                    "expected an 8-bit or 16-bit image"
+                )
+            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    except Image.DecompressionBombError as err:
+        raise Image.DecompressionBombError(
+            f"path: {os.fspath(path)!r} is too large to decode safely ({err}); raise "
+            "PIL.Image.MAX_IMAGE_PIXELS if you trust the file"
+        ) from err
 
 
 def _is_number(v: object) -> bool:
@@ -124,6 +151,8 @@ class CocoDetection(Dataset):
     h]`` become ``[x, y, x + w, y + h]`` (no ``-1``); as in mmdetection's ``_parse_ann_info`` an
     annotation is skipped when ``ignore`` is set, when it does not overlap the image, when
     ``area <= 0`` or ``w < 1`` or ``h < 1``; ``iscrowd`` boxes go to ``gt_bboxes_ignore``.
+    When an image file's size differs from the JSON's ``width``/``height``, loading it warns
+    (once per file) and re-applies these rules against the file's real size.
 
     Items: ``{"img", "gt_bboxes": [K, 4], "gt_labels": [K], "gt_bboxes_ignore": [G, 4],
     "img_meta": {image_id, file_name, ori_shape, img_shape, pad_shape, scale_factor, flip,
@@ -188,6 +217,7 @@ class CocoDetection(Dataset):
                         f"of image id {img_id} not found under img_dir {self.img_dir}"
                     )
         self._anns = [self._parse(self.coco.imgs[i]) for i in self.image_ids]
+        self._resized: set[int] = set()  # items whose file size differs from the JSON's
 
     @property
     def num_classes(self) -> int:
@@ -197,15 +227,18 @@ class CocoDetection(Dataset):
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def _parse(self, img_info: dict) -> dict:
-        """Boxes, labels and ignore boxes of one image, as mmdetection's ``_parse_ann_info``."""
+    def _parse(self, img_info: dict, size: tuple[int, int] | None = None) -> dict:
+        """Boxes, labels and ignore boxes of one image, as mmdetection's ``_parse_ann_info``.
+
+        ``size``: the image's ``(height, width)`` when it differs from the JSON's."""
+        height, width = size or (img_info["height"], img_info["width"])
         bboxes, labels, ignore = [], [], []
         for ann in self.coco.imgToAnns.get(img_info["id"], []):
             if ann.get("ignore", False):
                 continue
             x1, y1, w, h = ann["bbox"]
-            inter_w = max(0, min(x1 + w, img_info["width"]) - max(x1, 0))
-            inter_h = max(0, min(y1 + h, img_info["height"]) - max(y1, 0))
+            inter_w = max(0, min(x1 + w, width) - max(x1, 0))
+            inter_h = max(0, min(y1 + h, height) - max(y1, 0))
             if inter_w * inter_h == 0:
                 continue
             if ann.get("area", w * h) <= 0 or w < 1 or h < 1:
@@ -240,8 +273,18 @@ class CocoDetection(Dataset):
         idx = idx % len(self)
         info = self.img_info(idx)
         img = load_image(os.path.join(self.img_dir, info["file_name"]))
-        ann = self.get_ann_info(idx)
         shape = tuple(img.shape[:2])
+        if shape != (info["height"], info["width"]) and idx not in self._resized:
+            # The file wins: parse again against its real size (once, then cached).
+            warnings.warn(
+                f"{self.ann_file}: image {info['file_name']!r} (id {info['id']}) is "
+                f"{shape[1]}x{shape[0]} (width x height) but the JSON says "
+                f"{info['width']}x{info['height']}; using the image's size",
+                stacklevel=2,
+            )
+            self._anns[idx] = self._parse(info, shape)
+            self._resized.add(idx)
+        ann = self.get_ann_info(idx)
         meta = {
             "image_id": info["id"],
             "file_name": info["file_name"],

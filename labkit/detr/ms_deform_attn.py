@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import torch
@@ -29,8 +30,20 @@ def level_start_index_from_shapes(spatial_shapes: Tensor) -> Tensor:
     Returns:
         LongTensor[L]: ``[0, h0*w0, h0*w0 + h1*w1, ...]``.
     """
+    _check_spatial_shapes(spatial_shapes)
     sizes = spatial_shapes.prod(1)
     return torch.cat((sizes.new_zeros(1), sizes.cumsum(0)[:-1]))
+
+
+def _check_spatial_shapes(spatial_shapes: object) -> Tensor:
+    """Raise naming ``spatial_shapes`` unless it is a ``[L, 2]`` tensor of ``(h, w)`` per level."""
+    check_tensor(spatial_shapes, "spatial_shapes")
+    if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
+        raise ValueError(
+            f"spatial_shapes: expected shape [L, 2] (h, w), got {tuple(spatial_shapes.shape)}"
+            + (" (one level? use [[h, w]])" if spatial_shapes.dim() == 1 else "")
+        )
+    return spatial_shapes
 
 
 def _check_inputs(
@@ -51,10 +64,7 @@ def _check_inputs(
         raise ValueError(
             f"value: expected shape [bs, num_keys, num_heads, head_dims], got {tuple(value.shape)}"
         )
-    if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
-        raise ValueError(
-            f"spatial_shapes: expected shape [L, 2] (h, w), got {tuple(spatial_shapes.shape)}"
-        )
+    _check_spatial_shapes(spatial_shapes)
     bs, num_keys, num_heads, _ = value.shape
     num_levels = spatial_shapes.shape[0]
     if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
@@ -178,7 +188,14 @@ def multi_scale_deformable_attn(
     """
     if backend not in ("auto", "pytorch", "triton"):
         raise ValueError(f"backend: expected 'auto', 'pytorch' or 'triton', got {backend!r}")
+    check_tensor(value, "value")
     use_triton = backend == "triton" or (backend == "auto" and value.is_cuda)
+    if use_triton and not value.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"backend: 'triton' runs on CUDA tensors, got value on {value.device}; use "
+            "backend='pytorch' (or 'auto') on the CPU, or set TRITON_INTERPRET=1 before "
+            "importing triton to run the kernel in Triton's (slow) CPU interpreter"
+        )
     if not use_triton:
         return multi_scale_deformable_attn_pytorch(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights
@@ -224,6 +241,23 @@ def sampling_locations_from_offsets(
         "reference_points: last dim must be 2 (points) or 4 (boxes), got "
         f"{reference_points.shape[-1]}"
     )
+
+
+def _check_value(value: object, bs: int, channels: int, layout: str, batch_dim: int = 0) -> None:
+    """Raise naming ``value`` unless it is 3-d with ``query``'s batch size and ``channels``."""
+    check_tensor(value, "value")
+    if value.dim() != 3:
+        raise ValueError(f"value: expected shape {layout}, got {tuple(value.shape)}")
+    if value.shape[batch_dim] != bs:
+        raise ValueError(
+            f"value: expected batch size {bs} (query's) in dim {batch_dim} of {layout}, got "
+            f"shape {tuple(value.shape)}"
+        )
+    if value.shape[2] != channels:
+        raise ValueError(
+            f"value: expected {channels} channels (embed_dims) in dim 2 of {layout}, got shape "
+            f"{tuple(value.shape)}"
+        )
 
 
 class MultiScaleDeformableAttention(nn.Module):
@@ -343,7 +377,9 @@ class MultiScaleDeformableAttention(nn.Module):
             Tensor[bs, nq, heads, L, P, 2] and ``attention_weights`` Tensor[bs, nq, heads, L, P].
         """
         bs, num_query, _ = query.shape
+        _check_value(value, bs, self.embed_dims, "[bs, num_keys, c]")
         _, num_value, _ = value.shape
+        _check_spatial_shapes(spatial_shapes)
         total = int((spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum())
         if total != num_value:
             raise ValueError(
@@ -426,6 +462,10 @@ class MultiScaleDeformableAttention(nn.Module):
             )
         if value is None:
             value = query
+        batch_dim = 0 if self.batch_first else 1
+        layout = "[bs, num_keys, c]" if self.batch_first else "[num_keys, bs, c]"
+        _check_value(value, query.shape[batch_dim], self.embed_dims, layout, batch_dim)
+        _check_spatial_shapes(spatial_shapes)
         if identity is None:
             identity = query
         if query_pos is not None:

@@ -178,6 +178,33 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_classes(recipe: dict, dataset: Any, spec: str) -> None:
+    """Exit unless ``dataset`` has the classes, in the order, the checkpoint was trained on
+    (``recipe["classes"]``, else the count ``recipe["kwargs"]["num_classes"]``): label ``i``
+    of the model must mean class ``i`` of the data, or per-class AP goes to the wrong names."""
+    trained = [str(c) for c in recipe.get("classes") or []]
+    num_trained = recipe.get("kwargs", {}).get("num_classes", len(trained) or None)
+    data = [str(c) for c in getattr(dataset, "classes", None) or []]
+    num_data = getattr(dataset, "num_classes", len(data) or None)
+    if num_trained is not None and num_data is not None and num_trained != num_data:
+        raise SystemExit(
+            f"labkit eval: --data: {spec!r} has {num_data} classes {data} but the checkpoint's "
+            f"model predicts {num_trained} (recipe.classes {trained}); evaluate on data with the "
+            "classes it was trained on"
+        )
+    if trained and data and trained != data:
+        how = (
+            "the same classes in another order"
+            if sorted(trained) == sorted(data)
+            else "other classes"
+        )
+        raise SystemExit(
+            f"labkit eval: --data: {spec!r} has {how} than the checkpoint: {data} vs "
+            f"recipe.classes {trained}; label i must be the same class in both (labels follow "
+            "the order of the JSON's 'categories'), so reorder them or use the training data"
+        )
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     import labkit
     from labkit.data import make_loader
@@ -203,6 +230,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         )
     image_size = args.image_size or tuple(recipe.get("image_size", (512, 512)))
     dataset = build_dataset(spec, "val", image_size)
+    _check_classes(recipe, dataset, spec)  # before building the model and any inference
     model = recipes[recipe["name"]].build(**recipe.get("kwargs", {}))
     load_checkpoint(args.checkpoint, model)
     device = labkit.device(args.device)

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from labkit.files import write_atomic
+
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
@@ -54,6 +56,35 @@ class JsonlLogger:
         line = json.dumps(_finite(json.loads(json.dumps(record, default=_jsonable))))
         self._file.write(line + "\n")
         self._file.flush()
+
+    def truncate(self, iteration: int) -> int:
+        """Drop the records of steps after ``iteration`` (``"iter" > iteration``) and any line
+        a kill cut short, so a run resumed from the checkpoint of step ``iteration`` does not
+        log its steps twice. The file is rewritten atomically and reopened for appending.
+
+        Returns:
+            The number of lines dropped (0 without a file).
+        """
+        if self._file is None or self.path is None:
+            return 0
+        self._file.close()
+        kept, dropped = [], 0
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # half a line from a killed run
+                    dropped += 1
+                    continue
+                step = record.get("iter") if isinstance(record, dict) else None
+                if isinstance(step, int) and step > iteration:
+                    dropped += 1
+                    continue
+                kept.append(line if line.endswith("\n") else line + "\n")
+        if dropped:
+            write_atomic(self.path, lambda tmp: tmp.write_text("".join(kept), encoding="utf-8"))
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        return dropped
 
     def close(self) -> None:
         """Close the file (further ``log`` calls are ignored)."""

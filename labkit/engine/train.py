@@ -33,7 +33,12 @@ from torch.utils.data import DataLoader, DistributedSampler
 import labkit
 from labkit import to_device
 from labkit.engine import distributed as dist_utils
-from labkit.engine.checkpoint import copy_checkpoint, load_checkpoint, save_checkpoint
+from labkit.engine.checkpoint import (
+    copy_checkpoint,
+    load_checkpoint,
+    load_model_state,
+    save_checkpoint,
+)
 from labkit.engine.logging import JsonlLogger
 from labkit.engine.rng import capture_rng, restore_rng
 from labkit.nn.distributed import reduce_mean
@@ -402,13 +407,32 @@ def _setup(
     )
 
 
+# What _resume reads from a checkpoint (_checkpoint_state writes them all).
+_RESUME_KEYS = "model optimizer epoch iter iter_in_epoch history rng epoch_rng".split()
+
+
 def _resume(run: _Run, path: Path) -> tuple[dict, dict]:
     """Load model, optimizer, grad scaler, counters and history from the checkpoint at
     ``path`` into ``run``. Returns its two RNG states: ``(epoch_rng, rng)``, taken at the
     start of the saved epoch and at the save."""
-    ckpt = load_checkpoint(path, run.model, run.optimizer, run.scaler)
+    ckpt = load_checkpoint(path)
+    missing = [key for key in _RESUME_KEYS if key not in ckpt]
+    if missing:
+        raise ValueError(
+            f"resume: {str(path)!r} is not a training checkpoint saved by train(): it has no "
+            f"{', '.join(repr(k) for k in missing)} entr{'ies' if len(missing) > 1 else 'y'} "
+            f"(keys: {sorted(ckpt)}); to start "
+            "from its weights, load them with labkit.engine.checkpoint.load_checkpoint(path, "
+            "model) and train without resume"
+        )
+    load_model_state(run.model, ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler"):
+        run.scaler.load_state_dict(ckpt["scaler"])
     run.epoch, run.it, run.it_in_epoch = ckpt["epoch"], ckpt["iter"], ckpt["iter_in_epoch"]
     run.history = History(**ckpt["history"])
+    # The killed run may have logged steps past the checkpoint: they are redone now.
+    run.logger.truncate(run.it)
     return ckpt["epoch_rng"], ckpt["rng"]
 
 
@@ -641,7 +665,9 @@ def train(
             process uses ``cuda:LOCAL_RANK``.
         resume: a checkpoint path, or ``True`` for ``work_dir/latest.pth`` when it exists.
             Model, optimizer, grad scaler, counters, history and every RNG state are restored,
-            so the continued run is bit-identical to an uninterrupted one on CPU. Under DDP
+            so the continued run is bit-identical to an uninterrupted one on CPU; a corrupt
+            checkpoint is refused, and ``log.jsonl`` loses the lines a killed run wrote past
+            the checkpoint's step (they are redone). Under DDP
             the data order, model and optimizer resume exactly; every rank gets rank 0's RNG
             streams (dropout, augmentation) back, and CUDA kernels are not bitwise
             deterministic anyway.
@@ -655,6 +681,8 @@ def train(
     run = _setup(model, train_loader, config, device, work_dir, recipe, val_loader, val_dataset)
     ckpt_path = _resume_path(resume, run.work_dir)
     saved_rng = _resume(run, ckpt_path) if ckpt_path is not None else None
+    if ckpt_path is None and resume is True:
+        run.logger.truncate(0)  # no checkpoint yet: a killed run's logged steps are redone
     _start_log(run, ckpt_path)
     saved_at = run.it if ckpt_path is not None else -1  # step of the newest checkpoint
     epoch_rng = None
