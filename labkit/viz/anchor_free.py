@@ -12,7 +12,7 @@ from torch import Tensor
 
 from labkit.anchors import AnchorGenerator, PointGenerator
 from labkit.heads.fcos import FCOS_REGRESS_RANGES, centerness_target, fcos_targets_single
-from labkit.viz.draw import class_color, draw_boxes, draw_points, grid, level_color, show_image
+from labkit.viz.draw import class_color, draw_boxes, grid, show_image
 
 STRIDES = (8, 16, 32, 64, 128)
 
@@ -156,9 +156,11 @@ def draw_assignment(
     assign: PointAssignment,
     title: str | None = None,
     size: float = 10,
+    legend: bool = False,
 ) -> Any:
     """Image, GT boxes (colour = GT index) and every positive prior in its GT's colour
-    (marker size grows with the level)."""
+    (marker size grows with the level; a thin white edge keeps dots visible on any object).
+    ``legend`` adds one entry per GT ("GT k")."""
     show_image(img, ax, title=title)
     h, w = ax.get_images()[-1].get_array().shape[:2]
     for k, box in enumerate(gt_bboxes):
@@ -166,7 +168,15 @@ def draw_assignment(
         pos = assign.gt_inds == k
         for lvl in assign.level[pos].unique().tolist():
             sel = pos & (assign.level == lvl)
-            draw_points(ax, assign.points[sel], color=class_color(k), size=size * (1 + lvl))
+            pts = assign.points[sel].detach().cpu().numpy().reshape(-1, 2)
+            ax.scatter(
+                pts[:, 0], pts[:, 1], s=size * (1 + lvl), c=[class_color(k)],
+                edgecolors="white", linewidths=0.4,
+            )  # fmt: skip
+        if legend:
+            ax.scatter([], [], s=20, c=[class_color(k)], marker="s", label=f"GT {k}")
+    if legend:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     ax.set_xlim(0, w)
     ax.set_ylim(h, 0)
     return ax
@@ -178,9 +188,21 @@ def plot_levels(
     assign: PointAssignment,
     strides: Sequence[int] = STRIDES,
     title: str | None = None,
+    size: float = 2.6,
+    ncols: int | None = None,
+    class_names: Sequence[str] | None = None,
+    labels: Sequence[int] | None = None,
 ) -> Any:
-    """One panel per level: the positives each GT gets there (level = regress range at work)."""
-    fig, axes = grid(len(strides), ncols=len(strides), size=2.6, title=title)
+    """One panel per level: the positives each GT gets there (level = regress range at work).
+
+    Colour encodes the object (GT index, as boxes and dots), never the level: panel titles
+    are black and a figure legend names the objects ("GT k", plus the class and size when
+    ``class_names`` and ``labels`` are given). ``ncols``: panels per row (default one row).
+    """
+    from matplotlib.patches import Patch
+
+    ncols = len(strides) if ncols is None else ncols
+    fig, axes = grid(len(strides), ncols=ncols, size=size, title=title)
     for lvl, (ax, s) in enumerate(zip(axes, strides, strict=True)):
         sub = assign.level == lvl
         one = PointAssignment(assign.points[sub], assign.level[sub], assign.gt_inds[sub])
@@ -192,8 +214,18 @@ def plot_levels(
             title=f"stride {s}: {int((one.gt_inds >= 0).sum())} pos",
             size=6,
         )
-        ax.title.set_color(level_color(lvl))
+    handles = []
+    for k, box in enumerate(gt_bboxes.tolist()):
+        text = f"GT {k}"
+        if class_names is not None and labels is not None:
+            text += f": {class_names[int(labels[k])]} {box[2] - box[0]:.0f}x{box[3] - box[1]:.0f}"
+        handles.append(Patch(facecolor=class_color(k), label=text))
     fig.tight_layout()
+    fig.legend(
+        handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+        ncol=min(len(handles), 6) or 1, fontsize=8, frameon=False, title="objects (box and dot colour)",
+        title_fontsize=8,
+    )  # fmt: skip
     return fig
 
 
@@ -276,24 +308,4 @@ def plot_positive_counts(counts: dict[str, Tensor], gt_bboxes: Tensor, ax: Any =
     ax.set_xlabel("GT size sqrt(w*h), px")
     ax.set_ylabel("positive priors")
     ax.legend(fontsize=7)
-    return ax
-
-
-def plot_score_vs_iou(
-    scores: Tensor, ious: Tensor, centerness: Tensor, ax: Any = None, title: str | None = None
-) -> Any:
-    """Scatter of detection score against IoU with the best GT, coloured by predicted centerness."""
-    import matplotlib.pyplot as plt
-
-    if ax is None:
-        _, ax = plt.subplots(figsize=(5.0, 4.0))
-    sc = ax.scatter(
-        ious.numpy(), scores.numpy(), c=centerness.numpy(), cmap="viridis", s=8, vmin=0, vmax=1
-    )
-    ax.set_xlabel("IoU with best GT")
-    ax.set_ylabel("score")
-    ax.set_xlim(0, 1)
-    if title:
-        ax.set_title(title)
-    plt.colorbar(sc, ax=ax, label="centerness")
     return ax

@@ -17,6 +17,7 @@ from labkit.viz.draw import draw_boxes, draw_points, grid, level_color, show_ima
 __all__ = [
     "anchor_explorer",
     "iou_per_cell",
+    "plot_anchor_centres_zoom",
     "plot_base_anchors",
     "plot_iou_heatmaps",
     "plot_level_grids",
@@ -75,6 +76,7 @@ def plot_level_grids(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     size: float = 3.0,
+    ncols: int | None = None,
 ) -> tuple[Any, np.ndarray]:
     """One panel per level: the anchor centres (one dot per cell) and the anchors of one cell.
 
@@ -83,12 +85,14 @@ def plot_level_grids(
         featmap_sizes: ``(h, w)`` per level (e.g. from :func:`featmap_sizes_from_shape`).
         cell_xy: a pixel; the cell containing it on each level shows its anchors (default:
             the image centre).
+        ncols: panels per row (default: all levels in one row).
 
     Returns:
         ``(fig, axes)``.
     """
     priors = generator.grid_priors(featmap_sizes)
-    fig, axes = grid(generator.num_levels, ncols=generator.num_levels, size=size)
+    ncols = generator.num_levels if ncols is None else ncols
+    fig, axes = grid(generator.num_levels, ncols=ncols, size=size)
     h_img = featmap_sizes[0][0] * generator.strides[0][1]
     w_img = featmap_sizes[0][1] * generator.strides[0][0]
     cx, cy = cell_xy if cell_xy is not None else (w_img / 2, h_img / 2)
@@ -112,22 +116,102 @@ def plot_level_grids(
     return fig, axes
 
 
+def plot_anchor_centres_zoom(
+    img: Any,
+    generator: AnchorGenerator,
+    featmap_sizes: Sequence[tuple[int, int]],
+    level: int = 0,
+    cell: tuple[int, int] = (2, 2),
+    num_cells: int = 5,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    ax: Any = None,
+) -> Any:
+    """Zoom on a few cells of one level: grid lines, anchor centres, cell centres, one cell's anchors.
+
+    The cell ``(row, col)`` of stride ``s`` covers pixels ``[col * s, (col + 1) * s)``. Its
+    anchors are centred at ``(col * s, row * s) + center_offset * base_size`` (mmdetection's
+    ``AnchorGenerator``; ``center_offset=0`` puts them on the cell's top-left corner). The
+    plot reads the centres off ``generator.grid_priors`` rather than assuming them, and marks
+    the cell centres ``((col + 0.5) s, (row + 0.5) s)`` for comparison.
+
+    Args:
+        cell: ``(row, col)`` whose anchors are drawn and which sits in the window.
+        num_cells: the window is ``num_cells`` cells wide, starting at the top-left image corner.
+
+    Returns:
+        The matplotlib ``Axes``.
+    """
+    from matplotlib.patches import Rectangle
+
+    ax = _axes(ax, figsize=(4.5, 4.5))
+    anchors = generator.grid_priors(featmap_sizes)[level]
+    fh, fw = featmap_sizes[level]
+    a = generator.num_base_anchors[level]
+    stride_w, stride_h = generator.strides[level]
+    show_image(img, ax=ax, mean=mean, std=std)
+    h_img, w_img = fh * stride_h, fw * stride_w
+    xs = np.arange(0, w_img + 1, stride_w)
+    ys = np.arange(0, h_img + 1, stride_h)
+    ax.vlines(xs, 0, h_img, colors="0.6", linewidth=0.8)
+    ax.hlines(ys, 0, w_img, colors="0.6", linewidth=0.8)
+    row, col = cell
+    ax.add_patch(
+        Rectangle(
+            (col * stride_w, row * stride_h), stride_w, stride_h,
+            facecolor="white", alpha=0.35, edgecolor="white", linewidth=1.5,
+        )
+    )  # fmt: skip
+    start = (row * fw + col) * a
+    draw_boxes(ax, anchors[start : start + a], color="white", linewidth=0.7, alpha=0.8)
+    ax.plot([], [], color="0.5", linewidth=0.7, label=f"the {a} anchors of the shaded cell")
+    centres = ((anchors[:, :2] + anchors[:, 2:]) / 2)[::a]
+    ax.scatter(
+        centres[:, 0], centres[:, 1], s=36, c="red", edgecolors="white", linewidths=0.8,
+        label="anchor centres (from grid_priors)", zorder=3,
+    )  # fmt: skip
+    gx, gy = np.meshgrid((np.arange(fw) + 0.5) * stride_w, (np.arange(fh) + 0.5) * stride_h)
+    ax.scatter(
+        gx.ravel(), gy.ravel(), s=36, c="yellow", marker="x", linewidths=1.5,
+        label="cell centres", zorder=3,
+    )  # fmt: skip
+    lo = -0.5 * stride_w
+    ax.set_xlim(lo, lo + num_cells * stride_w)
+    ax.set_ylim(-0.5 * stride_h + num_cells * stride_h, -0.5 * stride_h)
+    ax.set_xticks(xs[: num_cells + 1])
+    ax.set_yticks(ys[: num_cells + 1])
+    ax.tick_params(labelsize=7)
+    ax.set_title(
+        f"stride {stride_w}, zoom: cell (row {row}, col {col}) shaded,\n"
+        f"its {a} anchors centred on its top-left corner", fontsize=9
+    )  # fmt: skip
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, frameon=False)
+    return ax
+
+
 def plot_valid_flags(
     valid_flags: Sequence[Tensor],
     generator: AnchorGenerator,
     featmap_sizes: Sequence[tuple[int, int]],
     pad_shape: tuple[int, int],
     size: float = 3.0,
+    ncols: int | None = None,
 ) -> tuple[Any, np.ndarray]:
     """Valid cells per level for one image of a padded batch, with its ``pad_shape`` outlined.
 
     Args:
         valid_flags: from ``generator.valid_flags(featmap_sizes, pad_shape)``.
+        ncols: panels per row (default: all levels in one row).
 
     Returns:
         ``(fig, axes)``.
     """
-    fig, axes = grid(generator.num_levels, ncols=generator.num_levels, size=size)
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    ncols = generator.num_levels if ncols is None else ncols
+    fig, axes = grid(generator.num_levels, ncols=ncols, size=size)
     for lvl, (ax, flags, (fh, fw)) in enumerate(zip(axes, valid_flags, featmap_sizes, strict=True)):
         a = generator.num_base_anchors[lvl]
         stride_w, stride_h = generator.strides[lvl]
@@ -141,6 +225,13 @@ def plot_valid_flags(
         ax.set_title(f"stride {stride_w}: {int(flags.sum())}/{flags.numel()} valid")
         ax.set_xticks([])
         ax.set_yticks([])
+    green = plt.get_cmap("Greens")(1 / 1.2)
+    handles = [
+        Patch(facecolor=green, label="valid cell"),
+        Patch(facecolor=plt.get_cmap("Greens")(0.0), edgecolor="0.7", label="invalid cell"),
+        Line2D([], [], color="black", linestyle="--", label="pad_shape"),
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
     return fig, axes
 
 
@@ -168,34 +259,48 @@ def plot_iou_heatmaps(
     pos_iou_thr: float = 0.5,
     size: float = 3.0,
     window: float | None = None,
+    ncols: int | None = None,
+    colorbar: bool = True,
 ) -> tuple[Any, np.ndarray]:
     """Per level, the best anchor IoU of each cell with one ground-truth box, over the image.
 
     Cells whose best anchor reaches ``pos_iou_thr`` are outlined: those are the positives a
-    MaxIoU assigner would give this object. ``window`` (pixels) zooms every panel on a square
-    around the box, for small objects.
+    MaxIoU assigner would give this object. Each coloured square is centred on the common
+    centre of its cell's anchors (the cell's top-left corner for ``center_offset=0``), so the
+    picture is not shifted by half a cell. ``window`` (pixels) zooms every panel on a square
+    around the box, for small objects. ``ncols``: panels per row (default: one row);
+    ``colorbar``: add one IoU colour bar shared by all panels.
 
     Returns:
         ``(fig, axes)``.
     """
     maps = iou_per_cell(generator, featmap_sizes, gt_bbox)
-    fig, axes = grid(generator.num_levels, ncols=generator.num_levels, size=size)
+    ncols = generator.num_levels if ncols is None else ncols
+    fig, axes = grid(generator.num_levels, ncols=ncols, size=size)
+    mappable = None
     for lvl, (ax, iou) in enumerate(zip(axes, maps, strict=True)):
         fh, fw = iou.shape
         stride_w, stride_h = generator.strides[lvl]
-        extent = (0, fw * stride_w, fh * stride_h, 0)
+        # squares centred on the anchor centres: (col * s, row * s) + center_offset * base size
+        first = generator.base_anchors[lvl]
+        ox = float(first[:, 0::2].mean()) - 0.5 * stride_w
+        oy = float(first[:, 1::2].mean()) - 0.5 * stride_h
+        extent = (ox, ox + fw * stride_w, oy + fh * stride_h, oy)
         if img is not None:
             show_image(img, ax=ax, mean=mean, std=std)
-        ax.imshow(iou.cpu().numpy(), cmap="magma", vmin=0, vmax=1, alpha=0.75, extent=extent)
+        mappable = ax.imshow(
+            iou.cpu().numpy(), cmap="magma", vmin=0, vmax=1, alpha=0.75, extent=extent
+        )
         pos = (iou >= pos_iou_thr).nonzero().tolist()
         boxes = [
-            [c * stride_w, r * stride_h, (c + 1) * stride_w, (r + 1) * stride_h] for r, c in pos
+            [ox + c * stride_w, oy + r * stride_h, ox + (c + 1) * stride_w, oy + (r + 1) * stride_h]
+            for r, c in pos
         ]
         draw_boxes(ax, boxes, color="cyan", linewidth=0.8)
         draw_boxes(ax, gt_bbox.view(1, 4), color="white", linestyle="--", linewidth=1)
         if window is None:
-            ax.set_xlim(extent[0], extent[1])
-            ax.set_ylim(extent[2], extent[3])
+            ax.set_xlim(0, fw * stride_w)
+            ax.set_ylim(fh * stride_h, 0)
         else:
             bx, by = float(gt_bbox[0] + gt_bbox[2]) / 2, float(gt_bbox[1] + gt_bbox[3]) / 2
             ax.set_xlim(bx - window / 2, bx + window / 2)
@@ -203,6 +308,10 @@ def plot_iou_heatmaps(
         ax.set_title(f"stride {stride_w}: max IoU {float(iou.max()):.2f}")
         ax.set_xticks([])
         ax.set_yticks([])
+    if colorbar and mappable is not None:
+        fig.colorbar(
+            mappable, ax=list(fig.axes), shrink=0.8, label="best IoU of the cell's anchors"
+        )
     return fig, axes
 
 
@@ -220,10 +329,14 @@ def positives_by_size(
     For each size, ``num_boxes`` squares are placed at random (seeded) centres inside
     ``input_shape`` (``(h, w)``); for each square we count anchors with IoU ``>= pos_iou_thr``
     (positives) and with IoU in ``[neg_iou_thr, pos_iou_thr)`` (ignored by RetinaNet).
+    ``mean_pos_low_quality`` adds MaxIoU's low-quality step for an object alone in the image
+    (``match_low_quality=True``, ``gt_max_assign_all=True``, ``min_pos_iou=0``): every anchor
+    tied at the object's best IoU is positive too.
 
     Returns:
         One dict per size: ``size``, ``mean_pos`` (positives per object), ``zero_pos`` (fraction
-        of objects with no positive), ``mean_ignored``, ``mean_max_iou``.
+        of objects with no positive), ``mean_ignored``, ``mean_max_iou``,
+        ``mean_pos_low_quality``, ``mean_tied_best`` (anchors tied at the best IoU).
     """
     h, w = input_shape
     anchors = torch.cat(
@@ -239,13 +352,18 @@ def positives_by_size(
         ious = bbox_overlaps(anchors, boxes)  # [num_anchors, num_boxes]
         pos = (ious >= pos_iou_thr).sum(0).float()
         ignored = ((ious >= neg_iou_thr) & (ious < pos_iou_thr)).sum(0).float()
+        best = ious.max(0).values
+        tied = ious == best  # exact ties, as mmdetection's ``==`` test
+        low_quality = ((ious >= pos_iou_thr) | tied).sum(0).float()
         rows.append(
             {
                 "size": float(size),
                 "mean_pos": float(pos.mean()),
                 "zero_pos": float((pos == 0).float().mean()),
                 "mean_ignored": float(ignored.mean()),
-                "mean_max_iou": float(ious.max(0).values.mean()),
+                "mean_max_iou": float(best.mean()),
+                "mean_pos_low_quality": float(low_quality.mean()),
+                "mean_tied_best": float(tied.sum(0).float().mean()),
             }
         )
     return rows
@@ -262,6 +380,14 @@ def plot_positives_by_size(rows: Sequence[dict], ax: Any = None) -> Any:
         color=level_color(0),
         label="anchors with IoU >= 0.5",
     )
+    if all("mean_pos_low_quality" in r for r in rows):
+        ax.plot(
+            sizes,
+            [r["mean_pos_low_quality"] for r in rows],
+            "o:",
+            color=level_color(1),
+            label="positives with low-quality matches",
+        )
     ax.plot(
         sizes,
         [r["mean_ignored"] for r in rows],

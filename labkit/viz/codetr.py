@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,7 +13,10 @@ from labkit.viz.draw import class_color, draw_boxes, draw_points, show_image
 
 __all__ = [
     "draw_positives",
+    "loss_family",
+    "loss_family_curves",
     "plot_feature_maps",
+    "plot_loss_families",
     "plot_positives_per_layer",
     "plot_query_references",
     "plot_train_curves",
@@ -116,17 +120,128 @@ def plot_train_curves(ax: Any, histories: dict[str, Any], key: str = "loss_cls")
     return ax
 
 
-def plot_feature_maps(axes: Sequence[Any], maps: dict[str, tuple], titles: bool = True) -> None:
+LOSS_FAMILIES = (
+    "one-to-one decoder",
+    "encoder proposals",
+    "auxiliary heads",
+    "positive queries",
+)
+
+
+def loss_family(key: str) -> str | None:
+    """The family of a Co-DETR loss key, or ``None`` for the total ``loss`` and non-losses.
+
+    * ``"positive queries"``: the extra query groups, ``[d{i}.]loss_*_aux{k}``;
+    * ``"encoder proposals"``: the two-stage encoder loss, ``[d{i}.]enc_loss_*``;
+    * ``"auxiliary heads"``: the one-to-many heads on the encoder memory, ``loss_rpn_*`` and the
+      head-indexed ``loss_cls0``, ``loss_bbox1``, ``loss_centerness1``...;
+    * ``"one-to-one decoder"``: the Hungarian-matched query head, ``[d{i}.]loss_{cls,bbox,iou}``.
+    """
+    name = re.sub(r"^d\d+\.", "", key)
+    if re.search(r"_aux\d+$", name) and "loss" in name:
+        return "positive queries"
+    if name.startswith("enc_loss"):
+        return "encoder proposals"
+    if name.startswith("loss_rpn") or re.fullmatch(r"loss_[a-z_]+\d+", name):
+        return "auxiliary heads"
+    if name in ("loss_cls", "loss_bbox", "loss_iou"):
+        return "one-to-one decoder"
+    return None
+
+
+def loss_family_curves(records: Sequence[dict], x_key: str = "iter") -> dict[str, tuple]:
+    """Per family (:func:`loss_family`), the sum of its loss terms at each logged step.
+
+    Returns:
+        ``{family: (steps, sums, keys)}`` for the families present in ``records``, in
+        :data:`LOSS_FAMILIES` order, ``keys`` the loss terms summed.
+    """
+    out: dict[str, tuple] = {}
+    for family in LOSS_FAMILIES:
+        keys = sorted(
+            {k for r in records for k in r if loss_family(k) == family and _is_number(r[k])}
+        )
+        if not keys:
+            continue
+        steps, sums = [], []
+        for i, r in enumerate(records):
+            vals = [r[k] for k in keys if _is_number(r.get(k))]
+            if vals:
+                steps.append(r.get(x_key, i))
+                sums.append(float(sum(vals)))
+        out[family] = (steps, sums, keys)
+    return out
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def plot_loss_families(
+    ax: Any, records: Sequence[dict], logy: bool = False, total: bool = True
+) -> dict[str, tuple]:
+    """One line per loss family (each the sum of its terms per step), plus the total ``loss``.
+
+    Returns:
+        :func:`loss_family_curves`'s dict, so a caller can print which terms each line sums.
+    """
+    curves = loss_family_curves(records)
+    for j, (family, (steps, sums, keys)) in enumerate(curves.items()):
+        ax.plot(steps, sums, color=class_color(j), label=f"{family} ({len(keys)} terms)")
+    if total:
+        pts = [
+            (r.get("iter", i), r["loss"])
+            for i, r in enumerate(records)
+            if _is_number(r.get("loss"))
+        ]
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, color="k", linestyle="--", linewidth=1, label="total loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (sum over the family's terms)")
+    if logy:
+        ax.set_yscale("log")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return curves
+
+
+def plot_feature_maps(
+    axes: Sequence[Any],
+    maps: dict[str, tuple],
+    titles: bool = True,
+    shared_scale: bool = True,
+    colorbar: bool = True,
+) -> Any:
     """Feature-norm maps with the foreground outline, one axis per model.
 
     ``maps[name] = (norm Tensor[h, w], fg BoolTensor[h, w], valid BoolTensor[h, w])``.
+    ``shared_scale``: one colour scale (min to max over every map's valid pixels) for all panels,
+    so colours compare across models; ``colorbar``: one colour bar for the panels.
+
+    Returns:
+        The last image (a matplotlib ``AxesImage``), e.g. for a custom colour bar.
     """
+    vmin = vmax = None
+    if shared_scale:
+        valid_vals = [
+            norm.detach().cpu().numpy()[valid.cpu().numpy()] for norm, _, valid in maps.values()
+        ]
+        valid_vals = [v for v in valid_vals if v.size]
+        if valid_vals:
+            vmin = float(min(v.min() for v in valid_vals))
+            vmax = float(max(v.max() for v in valid_vals))
+    im = None
     for ax, (name, (norm, fg, valid)) in zip(axes, maps.items(), strict=True):
         arr = norm.detach().cpu().numpy().copy()
         arr[~valid.cpu().numpy()] = np.nan
-        ax.imshow(arr, cmap="viridis")
+        im = ax.imshow(arr, cmap="viridis", vmin=vmin, vmax=vmax)
         ax.contour(fg.cpu().numpy().astype(float), levels=[0.5], colors="white", linewidths=1)
         ax.set_xticks([])
         ax.set_yticks([])
         if titles:
             ax.set_title(name, fontsize=9)
+    if colorbar and im is not None:
+        axes = list(axes)
+        label = "feature norm" + (" (shared scale)" if shared_scale else " (last panel)")
+        axes[0].figure.colorbar(im, ax=axes, shrink=0.8, label=label)
+    return im
