@@ -263,8 +263,11 @@ NOTEBOOK_SOLUTIONS = [
     ("03_fcos_centerness", "is_fcos_positive", "fcos_positive"),
     ("04_deformable_attention", "my_sampling_locations", "sampling_locations"),
     ("04_deformable_attention", "bilinear", "bilinear_sample"),
-    ("05_codetr_auxiliary_queries", "boxes_to_query_logits", "positive_query_logits"),
-    ("05_codetr_auxiliary_queries", "count_positives", "count_positives"),
+    ("05_detr_hungarian", "matching_cost", "matching_cost"),
+    ("05_detr_hungarian", "hungarian_gt_inds", "hungarian_gt_inds"),
+    ("05_detr_hungarian", "one_to_many", "one_to_many_gt_inds"),
+    ("06_codetr_auxiliary_queries", "boxes_to_query_logits", "positive_query_logits"),
+    ("06_codetr_auxiliary_queries", "count_positives", "count_positives"),
 ]
 
 

@@ -164,3 +164,31 @@ def test_draw_level_grid_lines_and_prior_centres():
     assert len(viz.draw_level_grid(ax, (40, 64), stride=8)) == 2
     with pytest.raises(ValueError, match="stride"):
         viz.draw_level_grid(ax, (40, 64), stride=0)
+
+
+def test_detr_matching_figures_draw_the_matching():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from labkit.lessons.detr_matching import cost_terms, toy_problem
+    from labkit.viz import detr as detr_viz
+
+    problem = toy_problem()
+    gt_inds = torch.tensor([1, 2, 3, 0, 0, 0, 0, 0])
+    axes = detr_viz.plot_cost_terms(cost_terms(problem), gt_inds)
+    assert [ax.get_title() for ax in axes] == ["class", "l1", "giou", "total"]
+    # one red outline per matched query on every panel
+    assert all(len(ax.patches) == 3 for ax in axes)
+    ax = detr_viz.plot_matching(problem, gt_inds)
+    assert len(ax.patches) == 3 + 8  # ground truths + predictions
+    assert len(ax.lines) == 3  # one line per match
+    record = {
+        "step": [1, 2, 3, 4, 5],
+        "flip_fraction": [1.0, 0.5, 0.5, 0.0, 0.5],
+        "loss": [5, 4, 3, 2, 1],
+    }
+    ax = detr_viz.plot_matching_flips(record, window=2)
+    assert [round(y, 3) for y in ax.lines[1].get_ydata()] == [0.75, 0.5, 0.25, 0.25]
+    plt.close("all")

@@ -18,6 +18,11 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from labkit.grading.checks_detr import (
+    check_hungarian_gt_inds,
+    check_matching_cost,
+    check_one_to_many_gt_inds,
+)
 from labkit.grading.feedback import Case, CheckResult, format_value, run_cases
 
 __all__ = [
@@ -29,7 +34,10 @@ __all__ = [
     "check_centerness_target",
     "check_count_positives",
     "check_fcos_positive",
+    "check_hungarian_gt_inds",
+    "check_matching_cost",
     "check_max_iou_assign",
+    "check_one_to_many_gt_inds",
     "check_pairwise_iou",
     "check_positive_query_logits",
     "check_sampling_locations",
@@ -882,4 +890,7 @@ EXERCISES: dict[str, Callable[..., CheckResult]] = {
     "fcos_positive": check_fcos_positive,
     "positive_query_logits": check_positive_query_logits,
     "count_positives": check_count_positives,
+    "matching_cost": check_matching_cost,
+    "hungarian_gt_inds": check_hungarian_gt_inds,
+    "one_to_many_gt_inds": check_one_to_many_gt_inds,
 }
