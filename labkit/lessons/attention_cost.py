@@ -22,6 +22,9 @@ __all__ = [
     "dense_attention",
     "deformable_call",
     "deformable_problem",
+    "encoder_cost_sweep",
+    "encoder_shapes",
+    "peak_rss_mib",
     "hbm_floor_us",
     "measure",
     "working_set_mib",
@@ -224,6 +227,93 @@ def attention_cost_sweep(
                     "ms": seconds * 1e3,
                     "mib": mib,
                     "measured_memory": peak is not None,
+                }
+            )
+    return rows
+
+
+def encoder_shapes(height: int, width: int, strides: Sequence[int] = (8, 16, 32, 64)) -> list:
+    """The encoder's ``(h, w)`` levels for an ``height x width`` input: ``ceil(side / stride)``."""
+    return [(-(-height // s), -(-width // s)) for s in strides]
+
+
+def peak_rss_mib(fn: Callable[[], object]) -> float | None:
+    """Peak resident memory ``fn()`` adds to this process, in MiB, measured by Linux: freed heap
+    pages are handed back first (glibc's ``malloc_trim``, so reused memory counts again), then
+    the high-water mark (``VmHWM``) is reset through ``/proc/self/clear_refs``. ``None`` where
+    that interface is missing (not Linux)."""
+    status, clear = "/proc/self/status", "/proc/self/clear_refs"
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+    def read_kib(field: str) -> int:
+        with open(status) as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field))
+
+    try:
+        with open(clear, "w") as f:
+            f.write("5")  # reset VmHWM to the current resident size
+        before = read_kib("VmRSS:")
+    except OSError:
+        return None
+    fn()
+    return max(read_kib("VmHWM:") - before, 0) / 1024
+
+
+def encoder_cost_sweep(
+    image_sizes: Sequence[int],
+    device: torch.device | str = "cpu",
+    embed_dims: int = 256,
+    num_heads: int = 8,
+    repeat: int = 3,
+) -> list[dict]:
+    """Encoder self-attention (every token a query, every token a key) on square inputs of
+    ``image_sizes`` pixels: forward time and memory of dense attention and of deformable
+    attention (the reference; on CUDA also the kernel), batch 1.
+
+    Memory is measured: the CUDA peak allocated on a GPU, the peak resident memory the call
+    adds (:func:`peak_rss_mib`) on a Linux CPU; elsewhere the analytic :func:`working_set_mib`.
+
+    Returns:
+        ``[{"method", "image_size", "num_tokens", "ms", "mib", "memory"}]`` where ``memory``
+        says how ``mib`` was obtained (``"cuda peak"``, ``"peak RSS"`` or ``"analytic"``).
+    """
+    device = torch.device(device)
+    head_dims = embed_dims // num_heads
+    methods = ["dense", "reference"] + (["kernel"] if device.type == "cuda" else [])
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for size in image_sizes:
+        shapes = encoder_shapes(size, size)
+        tokens = sum(h * w for h, w in shapes)
+        x = torch.randn(1, tokens, embed_dims, generator=gen).to(device)
+        problem = deformable_problem(1, shapes, None, num_heads, head_dims, device=device)
+        for method in methods:
+            if method == "dense":
+                fn = functools.partial(
+                    _no_grad, functools.partial(dense_attention, x, x, x, num_heads)
+                )
+            else:
+                fn = deformable_call(problem, "pytorch" if method == "reference" else "triton")
+            seconds, peak = measure(fn, device, repeat=repeat)
+            memory = "cuda peak"
+            if peak is None:
+                peak, memory = peak_rss_mib(fn), "peak RSS"
+            if peak is None:
+                peak = working_set_mib(method, 1, tokens, tokens, num_heads, head_dims)
+                memory = "analytic"
+            rows.append(
+                {
+                    "method": method,
+                    "image_size": size,
+                    "num_tokens": tokens,
+                    "ms": seconds * 1e3,
+                    "mib": peak,
+                    "memory": memory,
                 }
             )
     return rows

@@ -19,6 +19,7 @@ from labkit.viz.draw import draw_boxes, show_image
 __all__ = [
     "capture_decoder_sampling",
     "plot_attention_cost",
+    "plot_encoder_cost",
     "plot_initial_offsets",
     "plot_offset_scaling",
     "plot_query_sampling",
@@ -322,4 +323,37 @@ def plot_attention_cost(
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
+    return axes
+
+
+def plot_encoder_cost(rows: Sequence[dict], axes: Any = None) -> Any:
+    """Time and memory of encoder self-attention against the number of tokens, log-log, one
+    line per method, with dashed guides growing like ``N`` and ``N^2`` from the first point.
+
+    ``rows``: :func:`labkit.lessons.attention_cost.encoder_cost_sweep`'s dicts.
+    """
+    import matplotlib.pyplot as plt
+
+    if axes is None:
+        axes = plt.subplots(1, 2, figsize=(10.0, 3.8))[1]
+    colors = {"dense": "tab:red", "reference": "tab:blue", "kernel": "tab:green"}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        sel = [r for r in rows if r["method"] == method]
+        xs = [r["num_tokens"] for r in sel]
+        for ax, key in zip(axes, ("ms", "mib"), strict=True):
+            ys = [max(r[key], 1e-3) for r in sel]
+            ax.plot(xs, ys, "o-", color=colors.get(method), label=method)
+            if method == "dense":  # guides through dense attention's first point
+                for power, style in ((1, ":"), (2, "--")):
+                    guide = [ys[0] * (x / xs[0]) ** power for x in xs]
+                    ax.plot(xs, guide, style, color="0.5", lw=1,
+                            label=f"grows like N{'²' if power == 2 else ''}")  # fmt: skip
+    memory = rows[0]["memory"] if rows else "analytic"
+    for ax, ylabel in zip(axes, ("forward time (ms)", f"memory (MiB, {memory})"), strict=True):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens N (queries = keys)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=8)
     return axes
