@@ -15,6 +15,9 @@ deformable_detr`` gets Deformable-DETR's AdamW schedule; command-line flags over
 Backbone policy (one for every recipe): the default is the paper's ResNet-50
 (``DEFAULT_BACKBONE``), built without pretrained weights; ``backbone="tiny"`` is the small CPU
 configuration the notebooks, tests and zoo use (64-channel necks, shorter towers).
+``backbone_weights="IMAGENET1K_V2"`` (or ``"IMAGENET1K_V1"``, ``"DEFAULT"``, or a local
+torchvision state-dict file) starts a ResNet from torchvision's ImageNet weights, with its
+BatchNorm statistics frozen as in mmdetection.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from labkit.heads.fsaf import FSAFHead
 from labkit.heads.paa import PAAHead
 from labkit.heads.reppoints import RepPointsHead
 from labkit.heads.retina import RetinaNetHead
-from labkit.nn.backbones import build_backbone
+from labkit.nn.backbones import build_backbone, detector_backbone_kwargs
 from labkit.nn.fpn import FPN, ChannelMapper
 
 __all__ = [
@@ -80,9 +83,8 @@ def _single_stage(
     """Backbone + FPN + ``make_head(in_channels, feat_channels, stacked_convs)`` for the dense
     recipe ``name`` called with ``kwargs``, recorded as ``model.recipe = (name, kwargs)``.
     ``neck`` overrides ``stacked_convs`` and sets the FPN's extra levels."""
-    settings = {
-        k: kwargs[k] for k in ("backbone", "fpn_channels", "feat_channels", "stacked_convs")
-    }
+    names = ("backbone", "backbone_weights", "fpn_channels", "feat_channels", "stacked_convs")
+    settings = {k: kwargs[k] for k in names}
     model = build_single_stage(make_head, **{**settings, **neck})
     model.recipe = (name, kwargs)
     return model
@@ -91,6 +93,7 @@ def _single_stage(
 def retinanet(
     num_classes: int,
     backbone: str = DEFAULT_BACKBONE,
+    backbone_weights: str | None = None,
     *,
     fpn_channels: int | None = None,
     feat_channels: int | None = None,
@@ -125,6 +128,7 @@ def retinanet(
 def atss(
     num_classes: int,
     backbone: str = DEFAULT_BACKBONE,
+    backbone_weights: str | None = None,
     *,
     fpn_channels: int | None = None,
     feat_channels: int | None = None,
@@ -161,6 +165,7 @@ def atss(
 def paa(
     num_classes: int,
     backbone: str = DEFAULT_BACKBONE,
+    backbone_weights: str | None = None,
     *,
     fpn_channels: int | None = None,
     feat_channels: int | None = None,
@@ -208,6 +213,7 @@ def paa(
 def fcos(
     num_classes: int,
     backbone: str = DEFAULT_BACKBONE,
+    backbone_weights: str | None = None,
     *,
     center_sampling: bool = True,
     centerness: bool = True,
@@ -261,6 +267,7 @@ def fcos(
 def foveabox(
     num_classes: int,
     backbone: str = DEFAULT_BACKBONE,
+    backbone_weights: str | None = None,
     *,
     sigma: float = 0.4,
     fpn_channels: int | None = None,
@@ -292,6 +299,7 @@ def foveabox(
 def fsaf(
     num_classes: int,
     backbone: str = DEFAULT_BACKBONE,
+    backbone_weights: str | None = None,
     *,
     fpn_channels: int | None = None,
     feat_channels: int | None = None,
@@ -317,6 +325,7 @@ def fsaf(
 def reppoints(
     num_classes: int,
     backbone: str = DEFAULT_BACKBONE,
+    backbone_weights: str | None = None,
     *,
     transform: str = "moment",
     norm: str | None = None,
@@ -356,6 +365,7 @@ def reppoints(
 def faster_rcnn(
     num_classes: int,
     backbone: str = DEFAULT_BACKBONE,
+    backbone_weights: str | None = None,
     *,
     fpn_channels: int | None = None,
     fc_out_channels: int | None = None,
@@ -387,7 +397,7 @@ def faster_rcnn(
     if fc_out_channels is None:
         fc_out_channels = TINY_FC_CHANNELS if tiny else 1024
     body = build_backbone(
-        backbone, out_indices=(0, 1, 2, 3), **({} if tiny else {"norm_eval": False})
+        backbone, out_indices=(0, 1, 2, 3), **detector_backbone_kwargs(backbone, backbone_weights)
     )
     neck = FPN(body.out_channels, fpn_channels, num_outs=5, add_extra_convs=False)
     head = faster_rcnn_head(
@@ -415,7 +425,7 @@ def _detr_parts(
         kwargs["backbone"],
         out_indices=(1, 2, 3),
         frozen_stages=frozen_stages,
-        **({} if tiny else {"norm_eval": False}),
+        **detector_backbone_kwargs(kwargs["backbone"], kwargs["backbone_weights"]),
     )
     neck = ChannelMapper(
         net.out_channels, embed_dims, kernel_size=1, num_outs=4, norm="gn", num_groups=32
@@ -438,6 +448,7 @@ def _detr_parts(
 def deformable_detr(
     num_classes: int,
     backbone: str = DEFAULT_BACKBONE,
+    backbone_weights: str | None = None,
     num_queries: int = 300,
     two_stage: bool = True,
     with_box_refine: bool = True,
@@ -486,6 +497,7 @@ def co_deformable_detr(
     num_classes: int,
     aux: Sequence[str] = ("atss", "faster_rcnn"),
     backbone: str = DEFAULT_BACKBONE,
+    backbone_weights: str | None = None,
     num_queries: int = 300,
     lambda_1: float = 1.0,
     lambda_2: float = 2.0,

@@ -44,6 +44,7 @@ def test_detector_interface_and_recipe():
         {
             "num_classes": 5,
             "backbone": "tiny",
+            "backbone_weights": None,
             "fpn_channels": None,
             "fc_out_channels": None,
             "rpn_test_cfg": None,

@@ -83,17 +83,20 @@ class SingleStageDetector(Detector):
 def build_neck_backbone(
     backbone: str,
     *,
+    backbone_weights: str | None = None,
     fpn_channels: int | None = None,
     add_extra_convs: str = "on_input",
     relu_before_extra_convs: bool = False,
     num_outs: int = 5,
 ) -> tuple[nn.Module, nn.Module, int]:
-    """Backbone (C3-C5, no pretrained weights) and FPN (P3-P7 by default), as in RetinaNet.
+    """Backbone (C3-C5) and FPN (P3-P7 by default), as in RetinaNet.
 
     Args:
         backbone: ``"resnet18" | "resnet34" | "resnet50" | "resnet101" | "tiny"`` (see
-            ``labkit.nn.build_backbone``). ResNets train their BatchNorm (``norm_eval=False``)
-            since nothing is pretrained.
+            ``labkit.nn.build_backbone``).
+        backbone_weights: ``None`` (from scratch: ResNets train their BatchNorm statistics),
+            a torchvision ImageNet weights name (``"IMAGENET1K_V2"``) or a local file (BatchNorm
+            statistics then stay frozen); see ``labkit.nn.backbones.detector_backbone_kwargs``.
         fpn_channels: FPN width; ``None`` = 256 for ResNets, ``TINY_CHANNELS`` for "tiny".
         add_extra_convs: where P6 comes from (``"on_input"`` RetinaNet, ``"on_output"`` ATSS/FCOS).
         relu_before_extra_convs: ReLU before the P7 conv (FCOS).
@@ -102,13 +105,14 @@ def build_neck_backbone(
     Returns:
         ``(backbone, neck, fpn_channels)``.
     """
-    from labkit.nn.backbones import build_backbone
+    from labkit.nn.backbones import build_backbone, detector_backbone_kwargs
     from labkit.nn.fpn import FPN
 
     if fpn_channels is None:
         fpn_channels = TINY_CHANNELS if backbone == "tiny" else 256
-    kwargs = {} if backbone == "tiny" else {"norm_eval": False}
-    body = build_backbone(backbone, out_indices=(1, 2, 3), **kwargs)
+    body = build_backbone(
+        backbone, out_indices=(1, 2, 3), **detector_backbone_kwargs(backbone, backbone_weights)
+    )
     neck = FPN(
         body.out_channels,
         fpn_channels,
@@ -124,6 +128,7 @@ def build_single_stage(
     head_factory: Callable[[int, int, int], nn.Module],
     *,
     backbone: str,
+    backbone_weights: str | None = None,
     fpn_channels: int | None = None,
     feat_channels: int | None = None,
     stacked_convs: int | None = None,
@@ -138,6 +143,7 @@ def build_single_stage(
     """
     body, neck, channels = build_neck_backbone(
         backbone,
+        backbone_weights=backbone_weights,
         fpn_channels=fpn_channels,
         add_extra_convs=add_extra_convs,
         relu_before_extra_convs=relu_before_extra_convs,

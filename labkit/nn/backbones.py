@@ -1,9 +1,12 @@
-"""Backbones returning multi-level feature maps: torchvision ResNets (no weights) and a tiny CPU net."""
+"""Backbones returning multi-level feature maps: torchvision ResNets (random or ImageNet weights)
+and a tiny CPU net."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
+import torch
 import torchvision
 from torch import Tensor, nn
 
@@ -86,8 +89,40 @@ class _StagedBackbone(nn.Module):
         return tuple(outs)
 
 
+def _imagenet_state_dict(depth: int, weights: str | os.PathLike) -> dict:
+    """ImageNet weights of torchvision's ResNet-``depth``: a weights name of torchvision
+    (``"IMAGENET1K_V1"``, ``"IMAGENET1K_V2"``, ``"DEFAULT"``; downloaded once into torch's cache)
+    or a local file holding a torchvision ResNet state dict (or ``{"state_dict": ...}``)."""
+    if os.path.isfile(weights):
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        for key in ("state_dict", "model"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+        if not isinstance(state, dict):
+            raise ValueError(f"weights: {os.fspath(weights)!r} holds no state dict")
+        return state
+    if not isinstance(weights, str) or os.sep in weights or weights.endswith((".pth", ".pt")):
+        raise FileNotFoundError(f"weights: no file at {os.fspath(weights)!r}")
+    enum = torchvision.models.get_model_weights(f"resnet{depth}")
+    names = [w.name for w in enum]
+    if weights != "DEFAULT" and weights not in names:
+        raise ValueError(
+            f"weights: ResNet-{depth} has torchvision weights {names} (or 'DEFAULT'), got {weights!r}"
+        )
+    chosen = enum.DEFAULT if weights == "DEFAULT" else enum[weights]
+    try:
+        return chosen.get_state_dict(progress=False)
+    except Exception as err:  # no network, a proxy, a full disk: say what to do instead
+        raise RuntimeError(
+            f"weights: could not download torchvision's {chosen} ({type(err).__name__}: {err}). "
+            f"Without internet access, download {chosen.url} elsewhere and pass its path: "
+            f"weights='resnet{depth}.pth'"
+        ) from err
+
+
 class ResNet(_StagedBackbone):
-    """torchvision ResNet-18/34/50/101 (random init, never downloaded) as a feature extractor.
+    """torchvision ResNet-18/34/50/101 as a feature extractor, randomly initialised or with
+    torchvision's ImageNet weights.
 
     Args:
         depth: 18, 34, 50 or 101.
@@ -101,6 +136,9 @@ class ResNet(_StagedBackbone):
             default), so every block begins as the identity.
         norm_requires_grad: ``False`` also freezes every BN's weight and bias (mmdetection's
             ``norm_cfg=dict(type="BN", requires_grad=False)``, used by DETR-style configs).
+        weights: ``None`` (random), a torchvision weights name (``"IMAGENET1K_V1"``,
+            ``"IMAGENET1K_V2"``, ``"DEFAULT"``) or a local torchvision ResNet state-dict file;
+            the classifier (``fc.*``) is dropped. A clear error says what to do offline.
 
     Attributes:
         out_channels: channels of each returned map; strides: their strides.
@@ -114,6 +152,7 @@ class ResNet(_StagedBackbone):
         norm_eval: bool = True,
         zero_init_residual: bool = True,
         norm_requires_grad: bool = True,
+        weights: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
         if depth not in _RESNETS:
@@ -132,6 +171,22 @@ class ResNet(_StagedBackbone):
             net.layer3,
             net.layer4,
         )
+        if weights is not None:
+            state = {
+                k: v
+                for k, v in _imagenet_state_dict(depth, weights).items()
+                if not k.startswith("fc.")
+            }
+            own = self.state_dict()
+            missing = [k for k in own if k not in state]
+            unexpected = [k for k in state if k not in own]
+            shape = [k for k in own if k in state and state[k].shape != own[k].shape]
+            if missing or unexpected or shape:
+                raise ValueError(
+                    f"weights: not a ResNet-{depth} state dict (missing {missing[:3]}, "
+                    f"unexpected {unexpected[:3]}, other shapes {shape[:3]})"
+                )
+            self.load_state_dict(state)
         self.out_channels = [channels[i] for i in self.out_indices]
         self.strides = [_STAGE_STRIDES[i] for i in self.out_indices]
         if not norm_requires_grad:
@@ -235,3 +290,17 @@ def build_backbone(
         return TinyBackbone(out_indices=out_indices, frozen_stages=frozen_stages, **kwargs)
     depth = int(name.removeprefix("resnet"))
     return ResNet(depth, out_indices=out_indices, frozen_stages=frozen_stages, **kwargs)
+
+
+def detector_backbone_kwargs(name: str, weights: str | os.PathLike | None = None) -> dict:
+    """The :func:`build_backbone` options every labkit recipe uses for backbone ``name``.
+
+    Trained from scratch, ResNets train their BatchNorm statistics (``norm_eval=False``); with
+    ImageNet ``weights`` they keep them frozen (``norm_eval=True``), as mmdetection does. The
+    tiny net has no pretrained weights.
+    """
+    if name == "tiny":
+        if weights is not None:
+            raise ValueError("backbone_weights: the tiny backbone has no pretrained weights")
+        return {}
+    return {"norm_eval": weights is not None, "weights": weights}
