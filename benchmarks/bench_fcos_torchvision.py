@@ -293,14 +293,33 @@ def torchvision_fcos(labkit_model: nn.Module, image_size: int, head_init: str = 
     return TorchvisionFCOS(model, head.num_classes)
 
 
-def build_models(seed: int, image_size: int, head_init: str = "copy") -> dict[str, nn.Module]:
-    """``{"labkit": FCOS, "torchvision": TorchvisionFCOS}`` with identical backbone + FPN."""
+# labkit FCOS variants that take one of torchvision's three choices each (or all of them), to
+# find which difference matters: ``--variants uniform_giou point_offset_0 fixed_scale``.
+VARIANTS = {
+    "uniform_giou": {"bbox_loss_weight": "uniform"},
+    "point_offset_0": {"point_offset": 0.0},
+    "fixed_scale": {"learnable_scale": False},
+    "all_three": {"bbox_loss_weight": "uniform", "point_offset": 0.0, "learnable_scale": False},
+}
+
+
+def build_models(
+    seed: int, image_size: int, head_init: str = "copy", variants: tuple[str, ...] = ()
+) -> dict[str, nn.Module]:
+    """``{"labkit": FCOS, "torchvision": TorchvisionFCOS, "labkit+<variant>": ...}``, all from
+    the same initial weights (the variants change no parameter, only how they are used)."""
     from labkit.recipes import fcos
 
     torch.manual_seed(seed)
     labkit_model = fcos(NUM_CLASSES, backbone="tiny")
-    tv_model = torchvision_fcos(labkit_model, image_size, head_init)
-    return {"labkit": labkit_model, "torchvision": tv_model}
+    models = {
+        "labkit": labkit_model,
+        "torchvision": torchvision_fcos(labkit_model, image_size, head_init),
+    }
+    for name in variants:
+        torch.manual_seed(seed)
+        models[f"labkit+{name}"] = fcos(NUM_CLASSES, backbone="tiny", **VARIANTS[name])
+    return models
 
 
 # ----------------------------------------------------------------------------- benchmark
@@ -376,6 +395,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-train", type=int, default=None, help="train images (default all)")
     parser.add_argument("--num-val", type=int, default=None, help="val images (default all)")
     parser.add_argument("--head-init", choices=("copy", "torchvision"), default="copy")
+    parser.add_argument(
+        "--variants", nargs="*", choices=sorted(VARIANTS), default=[],
+        help="also train labkit FCOS with torchvision's loss weighting / point offset / scale",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--root", default=None, help="shapes folder (default data/shapes)")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
@@ -397,7 +420,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     try:
         device = labkit.device(args.device)
-        models = build_models(args.seed, args.image_size, args.head_init)
+        models = build_models(args.seed, args.image_size, args.head_init, tuple(args.variants))
         num_train = len(_subset(shapes_dataset("train", root=args.root), args.num_train))
         steps = args.epochs * math.ceil(num_train / args.batch_size)
         config = TrainConfig(

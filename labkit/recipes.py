@@ -219,6 +219,9 @@ def fcos(
     centerness: bool = True,
     norm_on_bbox: bool = True,
     centerness_on_reg: bool = True,
+    bbox_loss_weight: str = "centerness",
+    point_offset: float = 0.5,
+    learnable_scale: bool = True,
     fpn_channels: int | None = None,
     feat_channels: int | None = None,
     stacked_convs: int | None = None,
@@ -236,6 +239,8 @@ def fcos(
         num_classes: foreground classes.
         backbone: ``"tiny" | "resnet18" | "resnet34" | "resnet50" | "resnet101"``.
         center_sampling, centerness, norm_on_bbox, centerness_on_reg: see ``FCOSHead``.
+        bbox_loss_weight, point_offset, learnable_scale: the three places where mmdetection's
+            FCOS (the defaults) and torchvision's (``"uniform"``, ``0.0``, ``False``) differ.
         fpn_channels, feat_channels, stacked_convs: widths/depth (``None`` = backbone default).
         test_cfg: dict of ``TestConfig`` fields to change.
 
@@ -256,6 +261,9 @@ def fcos(
             norm_on_bbox=norm_on_bbox,
             centerness_on_reg=centerness_on_reg,
             centerness=centerness,
+            bbox_loss_weight=bbox_loss_weight,
+            point_offset=point_offset,
+            learnable_scale=learnable_scale,
             conv_bias=True,
             test_cfg=cfg,
         ),

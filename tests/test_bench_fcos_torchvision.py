@@ -117,3 +117,17 @@ def test_quick_run_prints_both_rows(capsys, tmp_path):
     assert "| labkit |" in printed and "| torchvision |" in printed
     assert "AP(labkit) / AP(torchvision)" in printed
     assert out.exists()
+
+
+def test_variants_start_from_the_same_weights_and_differ_only_in_use():
+    from benchmarks.bench_fcos_torchvision import build_models
+
+    models = build_models(0, 64, variants=("all_three",))
+    base, variant = models["labkit"], models["labkit+all_three"]
+    for (name, a), (_, b) in zip(
+        base.state_dict().items(), variant.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    head = variant.head
+    assert head.bbox_loss_weight == "uniform" and head.prior_generator.offset == 0.0
+    assert not any(p.requires_grad for p in head.scales.parameters())

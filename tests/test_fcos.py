@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from labkit.boxes import bbox_overlaps
 from labkit.heads.fcos import INF, centerness_target, fcos_targets, fcos_targets_single
 
 C = 3  # number of classes; label 3 is background
@@ -244,3 +245,56 @@ def test_predict_multiplies_scores_by_centerness():
     assert torch.allclose(
         out[0]["scores"], torch.sigmoid(torch.tensor(2.0)).expand_as(out[0]["scores"])
     )
+
+
+def _toy_fcos_batch():
+    """Two 128 x 128 images, one 30-px object each, and 5 levels of random features."""
+    torch.manual_seed(0)
+    feats = [torch.randn(2, 8, 128 // s, 128 // s) for s in (8, 16, 32, 64, 128)]
+    batch = {
+        "gt_bboxes": [
+            torch.tensor([[10.0, 12.0, 40.0, 42.0]]),
+            torch.tensor([[20.0, 5.0, 50.0, 30.0]]),
+        ],
+        "gt_labels": [torch.tensor([1]), torch.tensor([0])],
+        "img_metas": [{"img_shape": (128, 128), "pad_shape": (128, 128)}] * 2,
+    }
+    return feats, batch
+
+
+def test_torchvision_style_options_of_the_fcos_head():
+    from labkit.heads.fcos import FCOSHead, centerness_target
+
+    feats, batch = _toy_fcos_batch()
+    torch.manual_seed(1)
+    mm = FCOSHead(2, 8, feat_channels=8, stacked_convs=1, center_sampling=True, norm_on_bbox=True)
+    torch.manual_seed(1)
+    tv = FCOSHead(
+        2, 8, feat_channels=8, stacked_convs=1, center_sampling=True, norm_on_bbox=True,
+        bbox_loss_weight="uniform", point_offset=0.0, learnable_scale=False,
+    )  # fmt: skip
+    # point offset: mmdetection puts points at (x + 0.5) * stride, torchvision at x * stride
+    assert mm.points(feats)[0][:2].tolist() == [[4.0, 4.0], [12.0, 4.0]]
+    assert tv.points(feats)[0][:2].tolist() == [[0.0, 0.0], [8.0, 0.0]]
+    # learnable scale: frozen at 1 for torchvision's variant
+    assert all(p.requires_grad for p in mm.scales.parameters())
+    assert not any(p.requires_grad for p in tv.scales.parameters())
+    # bbox loss weighting: recompute both from the returned targets
+    for head, weighted in ((mm, True), (tv, False)):
+        losses, t = head.loss_and_targets(feats, batch)
+        outs = head(feats)
+        pred = torch.cat([x.permute(0, 2, 3, 1).reshape(2, -1, 4) for x in outs[1]], 1)
+        giou_losses, weights = [], []
+        for i in range(2):
+            pos = t.pos_inds[i]
+            pts = t.points[pos]
+            decoded = head.bbox_coder.decode(pts, pred[i, pos])
+            target = head.bbox_coder.decode(pts, t.bbox_targets[i, pos])
+            giou = bbox_overlaps(decoded, target, mode="giou", is_aligned=True)
+            giou_losses.append(1 - giou)
+            weights.append(centerness_target(t.bbox_targets[i, pos]))
+        giou_losses, weights = torch.cat(giou_losses), torch.cat(weights)
+        expected = (giou_losses * weights).sum() / weights.sum() if weighted else giou_losses.mean()
+        torch.testing.assert_close(losses["loss_bbox"], expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="bbox_loss_weight"):
+        FCOSHead(2, 8, bbox_loss_weight="iou")

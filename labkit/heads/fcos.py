@@ -245,6 +245,12 @@ class FCOSHead(AnchorFreeHead):
         centerness: ``False`` drops the centerness branch, its loss and its score factor
             (labkit's switch for the with/without comparison; the GIoU loss stays weighted
             by the centerness targets).
+        bbox_loss_weight: ``"centerness"`` (mmdetection: each positive's GIoU weighted by its
+            centerness target, averaged by their sum) or ``"uniform"`` (torchvision: plain
+            mean over positives).
+        point_offset: where points sit in their cell: ``0.5`` (mmdetection, ``(x + 0.5) *
+            stride``) or ``0.0`` (torchvision, ``x * stride``).
+        learnable_scale: ``False`` freezes the per-level ``Scale`` at 1 (torchvision has none).
         loss_cls, loss_bbox, loss_centerness: loss modules (defaults: focal 2.0/0.25, GIoU,
             sigmoid BCE).
 
@@ -266,6 +272,9 @@ class FCOSHead(AnchorFreeHead):
         norm_on_bbox: bool = False,
         centerness_on_reg: bool = False,
         centerness: bool = True,
+        bbox_loss_weight: str = "centerness",
+        point_offset: float = 0.5,
+        learnable_scale: bool = True,
         norm: str | None = "gn",
         conv_bias: bool | None = None,
         loss_cls: nn.Module | None = None,
@@ -281,9 +290,14 @@ class FCOSHead(AnchorFreeHead):
             strides,
             norm,
             conv_bias,
-            0.5,
+            point_offset,
             test_cfg,
         )
+        if bbox_loss_weight not in ("centerness", "uniform"):
+            raise ValueError(
+                f"bbox_loss_weight: expected 'centerness' or 'uniform', got {bbox_loss_weight!r}"
+            )
+        self.bbox_loss_weight = bbox_loss_weight
         if len(regress_ranges) != len(strides):
             raise ValueError(
                 f"regress_ranges: expected one range per stride ({len(strides)}), got {len(regress_ranges)}"
@@ -302,6 +316,7 @@ class FCOSHead(AnchorFreeHead):
         self._init_towers()
         self.conv_centerness = nn.Conv2d(feat_channels, 1, 3, padding=1) if centerness else None
         self.scales = nn.ModuleList(Scale(1.0) for _ in strides)
+        self.scales.requires_grad_(learnable_scale)
         init_head_convs(self, self.conv_cls)
 
     def forward(self, feats: Sequence[Tensor]) -> tuple[list[Tensor], ...]:
@@ -384,11 +399,15 @@ class FCOSHead(AnchorFreeHead):
             pos_ctr = flat_ctr[pos_inds]
         if len(pos_inds) > 0:
             pos_points = flat_points[pos_inds]
+            if self.bbox_loss_weight == "centerness":
+                weight, denorm = pos_centerness_targets, centerness_denorm
+            else:
+                weight, denorm = None, num_pos
             losses["loss_bbox"] = self.loss_bbox(
                 self.bbox_coder.decode(pos_points, pos_bbox),
                 self.bbox_coder.decode(pos_points, pos_targets),
-                weight=pos_centerness_targets,
-                avg_factor=centerness_denorm,
+                weight=weight,
+                avg_factor=denorm,
             )
             if self.with_centerness:
                 losses["loss_centerness"] = self.loss_centerness(
