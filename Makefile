@@ -2,6 +2,7 @@
 #   make notebooks   run every numbered notebook (quick mode, CPU) into build/
 #   make test        lint + the whole test suite (what CI runs)
 #   make lab         JupyterLab on notebooks/ with the labkit kernel
+#   make gpu-check   the prepared GPU check (benchmarks/gpu_check.py) -> build/gpu_check/
 # Each creates .venv and installs the pinned dependencies first when they are missing.
 
 PYTHON ?= python3
@@ -11,7 +12,7 @@ STAMP := $(VENV)/.labkit-installed
 NOTEBOOK_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: notebooks test test-fast lab venv data clean
+.PHONY: notebooks test test-fast lab venv data clean gpu-check
 
 venv: $(STAMP)
 
@@ -31,6 +32,13 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+
+# No install step: a GPU machine may have its own Python with torch and triton but no venv.
+GPU_CHECK_PY := $(if $(wildcard $(PY)),$(PY),python3)
+GPU_CHECK_ARGS ?=
+
+gpu-check:
+	PYTHONPATH=. $(GPU_CHECK_PY) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/

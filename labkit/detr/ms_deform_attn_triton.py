@@ -14,11 +14,15 @@ pixel. Any input dtype is loaded and converted to float32; outputs are cast back
 dtype of their input, so bf16/fp16 autocast works even when value, locations and weights
 arrive in different dtypes (the official CUDA op rejects that).
 
-Launch configuration (chosen by reasoning, not autotuned: no GPU was available when this
-was written): the grid is ``(cdiv(nq, BLOCK_Q), bs * heads)``; ``BLOCK_D`` is ``head_dims``
-rounded up to a power of two (Triton block sizes must be); ``BLOCK_Q`` keeps the tile at
-about 2048 elements in the forward (4 warps, 16 fp32 values per thread per tile) and 1024 in
-the backward, which keeps five tiles live (grad_output and four corners). Levels and points
+Launch configuration: the grid is ``(cdiv(nq, BLOCK_Q), bs * heads)``; ``BLOCK_D`` is
+``head_dims`` rounded up to a power of two (Triton block sizes must be). ``BLOCK_Q``,
+``num_warps`` and ``num_stages`` come from :data:`LAUNCH_TABLE` (keyed by pass, ``BLOCK_D`` and
+the value dtype), else from the rule it was filled with (chosen by reasoning, not autotuned:
+no GPU was available when this was written): ``BLOCK_Q`` keeps the tile at about 2048
+elements in the forward (4 warps, 16 fp32 values per thread per tile) and 1024 in the
+backward, which keeps five tiles live (grad_output and four corners), with Triton's default
+``num_stages``. ``python -m benchmarks.gpu_check`` times candidate launches on a GPU and
+prints a measured table ready to paste over :data:`LAUNCH_TABLE`. Levels and points
 are ``constexpr`` loops, unrolled at JIT time. Triton compiles on first use, so there is no
 build step at install time. ``TRITON_INTERPRET=1`` (set before triton is imported) runs the
 same kernels on CPU tensors; the tests use that.
@@ -31,15 +35,44 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["ms_deform_attn_triton", "launch_config"]
+__all__ = ["LAUNCH_TABLE", "ms_deform_attn_triton", "launch_config"]
+
+# (pass, BLOCK_D, value dtype) -> (BLOCK_Q, num_warps, num_stages); num_stages None is Triton's
+# default. Read at every launch by launch_config; keys not listed fall back to the rule in the
+# module docstring. The entries are that rule's values for 32 dims per head (Deformable-DETR's
+# 256 channels over 8 heads) until `python -m benchmarks.gpu_check` measures better ones on a
+# GPU: it writes a replacement for this dict into its results file (gpu_check.md).
+LAUNCH_TABLE: dict[tuple[str, int, str], tuple[int, int, int | None]] = {
+    ("fwd", 32, "float32"): (64, 4, None),
+    ("fwd", 32, "bfloat16"): (64, 4, None),
+    ("fwd", 32, "float16"): (64, 4, None),
+    ("bwd", 32, "float32"): (32, 4, None),
+    ("bwd", 32, "bfloat16"): (32, 4, None),
+    ("bwd", 32, "float16"): (32, 4, None),
+}
 
 
-def launch_config(head_dims: int, backward: bool = False) -> tuple[int, int, int]:
-    """``(BLOCK_Q, BLOCK_D, num_warps)`` for a head size (see the module docstring)."""
+def launch_config(
+    head_dims: int, backward: bool = False, dtype: torch.dtype | None = None
+) -> tuple[int, int, int, int | None]:
+    """``(BLOCK_Q, BLOCK_D, num_warps, num_stages)`` for a head size and value dtype.
+
+    :data:`LAUNCH_TABLE` first (``dtype`` None reads the float32 entry), else the rule of the
+    module docstring; ``num_stages`` None leaves Triton's default.
+    """
     block_d = triton.next_power_of_2(max(head_dims, 1))
+    name = str(dtype or torch.float32).removeprefix("torch.")
+    entry = LAUNCH_TABLE.get(("bwd" if backward else "fwd", block_d, name))
+    if entry is not None:
+        block_q, num_warps, num_stages = entry
+        return block_q, block_d, num_warps, num_stages
     tile = 1024 if backward else 2048
     block_q = max(16, min(128, tile // block_d))
-    return block_q, block_d, 4
+    return block_q, block_d, 4, None
+
+
+def _stages(num_stages: int | None) -> dict:
+    return {} if num_stages is None else {"num_stages": num_stages}
 
 
 @triton.jit
@@ -272,11 +305,11 @@ class _MSDeformAttnFunction(torch.autograd.Function):
         bs, _, num_heads, head_dims = value.shape
         num_queries = args["num_queries"]
         output = value.new_empty(bs, num_queries, num_heads * head_dims)
-        block_q, block_d, num_warps = launch_config(head_dims)
+        block_q, block_d, num_warps, num_stages = launch_config(head_dims, dtype=value.dtype)
         grid = (triton.cdiv(num_queries, block_q), bs * num_heads)
         _ms_deform_attn_fwd[grid](
             value, shapes, starts, sampling_locations, attention_weights, output,
-            **args, BLOCK_Q=block_q, BLOCK_D=block_d, num_warps=num_warps,
+            **args, BLOCK_Q=block_q, BLOCK_D=block_d, num_warps=num_warps, **_stages(num_stages),
         )  # fmt: skip
         ctx.save_for_backward(value, shapes, starts, sampling_locations, attention_weights)
         return output
@@ -291,12 +324,14 @@ class _MSDeformAttnFunction(torch.autograd.Function):
         grad_value = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
         grad_loc = torch.empty(sampling_locations.shape, dtype=torch.float32, device=value.device)
         grad_attn = torch.empty(attention_weights.shape, dtype=torch.float32, device=value.device)
-        block_q, block_d, num_warps = launch_config(head_dims, backward=True)
+        block_q, block_d, num_warps, num_stages = launch_config(
+            head_dims, backward=True, dtype=value.dtype
+        )
         grid = (triton.cdiv(args["num_queries"], block_q), bs * num_heads)
         _ms_deform_attn_bwd[grid](
             value, shapes, starts, sampling_locations, attention_weights, grad_output,
             grad_value, grad_loc, grad_attn,
-            **args, BLOCK_Q=block_q, BLOCK_D=block_d, num_warps=num_warps,
+            **args, BLOCK_Q=block_q, BLOCK_D=block_d, num_warps=num_warps, **_stages(num_stages),
         )  # fmt: skip
         return (
             grad_value.to(value.dtype),
