@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -149,3 +150,18 @@ def test_serial_run_keeps_notebook_order_and_options(tmp_path, monkeypatch, caps
     }
     out = capsys.readouterr().out
     assert "01_a.ipynb  ok" in out and "2 notebook(s), 0 failed" in out
+
+
+def test_shapes_with_more_training_images_and_crop_training(tmp_path, monkeypatch):
+    from labkit.engine import cli as engine_cli
+
+    monkeypatch.setenv("LABKIT_DATA", str(tmp_path))
+    train = engine_cli.build_dataset("shapes:6", "train", (128, 128), crop=64, scale_range=(0.5, 1.0))
+    assert len(train) == 6 and (tmp_path / "shapes-n6" / "instances_train.json").is_file()
+    item = train[0]
+    assert item["img"].shape[1:] == (64, 64)  # a 64-px crop, padded to a multiple of 32
+    with pytest.raises(ValueError, match="shapes:N"):
+        engine_cli.build_dataset("shapes:x", "train", (128, 128))
+    with pytest.raises(argparse.ArgumentTypeError, match="--scale-range"):
+        engine_cli.parse_scale_range("1.0,0.5")
+    assert engine_cli.parse_scale_range("0.6,1") == (0.6, 1.0)

@@ -275,3 +275,62 @@ def test_bad_items_raise_clear_errors():
     item["img"] = item["img"][..., :2]
     with pytest.raises(ValueError, match=r"\[H, W, 3\]"):
         Normalize()(item)
+
+
+def _crop_item():
+    img = np.zeros((100, 200, 3), dtype=np.uint8)
+    boxes = np.array([[10.0, 10.0, 50.0, 40.0], [150.0, 60.0, 190.0, 95.0]], dtype=np.float32)
+    return {
+        "img": img,
+        "gt_bboxes": boxes,
+        "gt_labels": np.array([2, 4]),
+        "gt_bboxes_ignore": np.zeros((0, 4), dtype=np.float32),
+        "img_meta": {"ori_shape": (100, 200), "img_shape": (100, 200)},
+    }
+
+
+def test_random_scale_crop_moves_clips_and_drops_boxes():
+    from labkit.data.transforms import RandomScaleCrop
+
+    crop = RandomScaleCrop(60, scale_range=(1.0, 1.0), min_visible=0.3, seed=0)
+    out = crop(_crop_item())
+    x0, y0 = out["img_meta"]["crop_offset"]
+    assert out["img"].shape == (60, 60, 3) and out["img_meta"]["img_shape"] == (60, 60)
+    # every kept box is the original one shifted by the offset and clipped to the window
+    for box, label in zip(out["gt_bboxes"], out["gt_labels"], strict=True):
+        original = _crop_item()["gt_bboxes"][[2, 4].index(int(label))]
+        expected = np.clip(original - [x0, y0, x0, y0], 0, 60)
+        np.testing.assert_allclose(box, expected)
+        visible = (expected[2] - expected[0]) * (expected[3] - expected[1])
+        assert visible >= 0.3 * (original[2] - original[0]) * (original[3] - original[1])
+    # a 20-px box at the corner: some windows keep it, others cut it away
+    crop.rng = np.random.default_rng(0)
+    item = _crop_item()
+    item["gt_bboxes"] = np.array([[0.0, 0.0, 20.0, 20.0]], dtype=np.float32)
+    item["gt_labels"] = np.array([1])
+    seen = {len(crop(dict(item))["gt_labels"]) for _ in range(30)}
+    assert seen == {0, 1}  # the box survives some crops and not others
+
+
+def test_random_scale_crop_scales_first_and_keeps_small_images_whole():
+    from labkit.data.transforms import RandomScaleCrop
+
+    out = RandomScaleCrop(500, scale_range=(0.5, 0.5), seed=0)(_crop_item())
+    assert out["img"].shape == (50, 100, 3)  # smaller than the crop: kept whole
+    np.testing.assert_allclose(out["gt_bboxes"][0], [5.0, 5.0, 25.0, 20.0])
+    assert out["img_meta"]["scale_factor"] == (0.5, 0.5, 0.5, 0.5)
+    with pytest.raises(ValueError, match="scale_range"):
+        RandomScaleCrop(32, scale_range=(1.0, 0.5))
+    with pytest.raises(ValueError, match="crop_size"):
+        RandomScaleCrop(0)
+
+
+def test_crop_train_transforms_give_padded_tensors_and_resume_exactly():
+    from labkit.data.transforms import crop_train_transforms
+    from labkit.engine.rng import _transform_generators
+
+    tf = crop_train_transforms(64, seed=3)
+    out = tf(_crop_item())
+    assert out["img"].shape[1:] == (64, 64) and out["img"].dtype == torch.float32
+    # both random transforms expose their generators, so a resume replays the same crops
+    assert len(_transform_generators(tf)) == 2

@@ -361,7 +361,7 @@ def _cli(argv, recipes, monkeypatch):
         num_classes, classes = 1, ("square",)
 
     monkeypatch.setattr(
-        cli, "build_dataset", lambda spec, split, size: Named(4 if split == "train" else 2)
+        cli, "build_dataset", lambda spec, split, size, *crop: Named(4 if split == "train" else 2)
     )
     monkeypatch.setattr(
         "labkit.data.make_loader",
@@ -502,7 +502,7 @@ def test_cli_eval_refuses_other_classes_before_inference(tmp_path, monkeypatch, 
         pass
 
     Data.classes, Data.num_classes = classes, len(classes)
-    monkeypatch.setattr(cli, "build_dataset", lambda spec, split, size: Data(2))
+    monkeypatch.setattr(cli, "build_dataset", lambda spec, split, size, *crop: Data(2))
 
     def no_inference(*args, **kwargs):
         raise AssertionError("inference ran")

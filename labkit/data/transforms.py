@@ -22,6 +22,8 @@ BOX_KEYS = ("gt_bboxes", "gt_bboxes_ignore")
 FLIP_DIRECTIONS = ("horizontal", "vertical", "diagonal")
 
 __all__ = [
+    "RandomScaleCrop",
+    "crop_train_transforms",
     "BOX_KEYS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -212,7 +214,25 @@ def check_direction(direction: object) -> str:
     return direction  # type: ignore[return-value]
 
 
-class RandomFlip:
+class _SeededTransform:
+    """A random transform with its own seeded ``numpy`` generator (``self.rng``), reseeded per
+    DataLoader worker. ``labkit.engine.rng`` captures ``self.rng`` for exact resumes."""
+
+    seed: int | None
+    rng: np.random.Generator
+    _worker_seed: int | None = None
+
+    def _generator(self) -> np.random.Generator:
+        # DataLoader workers each get a copy of this object; without reseeding they would all
+        # draw the same numbers. The worker seed comes from the loader's own (seeded) generator.
+        info = torch.utils.data.get_worker_info()
+        if info is not None and info.seed != self._worker_seed:
+            self._worker_seed = info.seed
+            self.rng = np.random.default_rng([0 if self.seed is None else self.seed, info.seed])
+        return self.rng
+
+
+class RandomFlip(_SeededTransform):
     """Flip the image and its boxes with probability ``prob`` (mmdetection ``RandomFlip``).
 
     Args:
@@ -231,16 +251,7 @@ class RandomFlip:
         self.direction = check_direction(direction)
         self.seed = seed
         self.rng = np.random.default_rng(seed)
-        self._worker_seed: int | None = None
-
-    def _generator(self) -> np.random.Generator:
-        # DataLoader workers each get a copy of this object; without reseeding they would all
-        # draw the same flips. The worker seed comes from the loader's own (seeded) generator.
-        info = torch.utils.data.get_worker_info()
-        if info is not None and info.seed != self._worker_seed:
-            self._worker_seed = info.seed
-            self.rng = np.random.default_rng([0 if self.seed is None else self.seed, info.seed])
-        return self.rng
+        self._worker_seed = None
 
     def __call__(self, item: dict) -> dict:
         item = _check_item(item, "RandomFlip")
@@ -266,6 +277,88 @@ class RandomFlip:
 
     def __repr__(self) -> str:
         return f"RandomFlip(prob={self.prob}, direction={self.direction!r})"
+
+
+class RandomScaleCrop(_SeededTransform):
+    """Scale jitter then a random square crop: train near native resolution on a small input.
+
+    The image is resized by a factor drawn uniformly from ``scale_range`` (of its current
+    size), then a random ``crop_size x crop_size`` window is cut (a smaller image is kept
+    whole). Boxes are shifted and clipped to the window; one keeps its label only if at least
+    ``min_visible`` of its area lies inside and it is at least 2 px wide and high (its pixels
+    stay either way, as with any random crop). Detectors are fully convolutional, so a model
+    trained on crops is tested on whole images.
+
+    Args:
+        crop_size: side of the square window in pixels.
+        scale_range: ``(low, high)`` resize factors, ``0 < low <= high``.
+        min_visible: share of a box's area that must survive the crop.
+        seed: seeds this transform's own generator.
+    """
+
+    def __init__(
+        self,
+        crop_size: int,
+        scale_range: tuple[float, float] = (0.6, 1.0),
+        min_visible: float = 0.3,
+        seed: int | None = 0,
+    ) -> None:
+        if (
+            isinstance(crop_size, bool)
+            or not isinstance(crop_size, (int, np.integer))
+            or crop_size < 1
+        ):
+            raise ValueError(f"crop_size: expected a positive int, got {crop_size!r}")
+        low, high = (float(v) for v in scale_range)
+        if not 0 < low <= high or not math.isfinite(high):
+            raise ValueError(f"scale_range: expected 0 < low <= high, got {tuple(scale_range)}")
+        if not 0 <= min_visible <= 1:
+            raise ValueError(f"min_visible: expected a fraction in [0, 1], got {min_visible!r}")
+        self.crop_size, self.scale_range, self.min_visible = (
+            int(crop_size),
+            (low, high),
+            min_visible,
+        )
+        self.seed = seed
+        self.rng = np.random.default_rng(seed)
+        self._worker_seed = None
+
+    def __call__(self, item: dict) -> dict:
+        item = _check_item(item, "RandomScaleCrop")
+        rng = self._generator()
+        h, w = item["img"].shape[:2]
+        factor = rng.uniform(*self.scale_range)
+        item = Resize((max(1, round(h * factor)), max(1, round(w * factor))), keep_ratio=False)(
+            item
+        )
+        h, w = item["img"].shape[:2]
+        ch, cw = min(self.crop_size, h), min(self.crop_size, w)
+        y0 = int(rng.integers(0, h - ch + 1))
+        x0 = int(rng.integers(0, w - cw + 1))
+        item = dict(item)
+        item["img"] = np.ascontiguousarray(item["img"][y0 : y0 + ch, x0 : x0 + cw])
+        shift = np.array([x0, y0, x0, y0], dtype=np.float32)
+        for key in BOX_KEYS:
+            if key not in item:
+                continue
+            boxes = np.asarray(item[key], dtype=np.float32).reshape(-1, 4)
+            area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+            moved = boxes - shift
+            moved[:, 0::2] = moved[:, 0::2].clip(0, cw)
+            moved[:, 1::2] = moved[:, 1::2].clip(0, ch)
+            bw, bh = moved[:, 2] - moved[:, 0], moved[:, 3] - moved[:, 1]
+            keep = (bw >= 2) & (bh >= 2) & (bw * bh >= self.min_visible * np.maximum(area, 1e-6))
+            item[key] = moved[keep]
+            if key == "gt_bboxes":
+                item["gt_labels"] = np.asarray(item["gt_labels"])[keep]
+        meta = dict(item["img_meta"])
+        meta["img_shape"] = meta["pad_shape"] = (ch, cw)
+        meta["crop_offset"] = (x0, y0)
+        item["img_meta"] = meta
+        return item
+
+    def __repr__(self) -> str:
+        return f"RandomScaleCrop(crop_size={self.crop_size}, scale_range={self.scale_range})"
 
 
 class Normalize:
@@ -415,6 +508,28 @@ def train_transforms(
     """mmdetection's training pipeline: Resize(keep_ratio) → RandomFlip → Normalize → Pad → ToTensor."""
     steps: list[Callable[[dict], dict]] = [
         Resize(scale, keep_ratio=True),
+        RandomFlip(flip_prob, "horizontal", seed=seed),
+        Normalize(mean, std),
+    ]
+    if size_divisor is not None:
+        steps.append(Pad(size_divisor=size_divisor))
+    steps.append(ToTensor())
+    return Compose(steps)
+
+
+def crop_train_transforms(
+    crop_size: int,
+    scale_range: tuple[float, float] = (0.6, 1.0),
+    size_divisor: int | None = 32,
+    flip_prob: float = 0.5,
+    seed: int | None = 0,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> Compose:
+    """Training on crops: RandomScaleCrop → RandomFlip → Normalize → Pad → ToTensor (the zoo's
+    setting: 320-px crops of 0.6-1x scaled 512-px images, tested on the whole 512-px images)."""
+    steps: list[Callable[[dict], dict]] = [
+        RandomScaleCrop(crop_size, scale_range, seed=seed),
         RandomFlip(flip_prob, "horizontal", seed=seed),
         Normalize(mean, std),
     ]

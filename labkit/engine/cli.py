@@ -50,6 +50,19 @@ def parse_image_size(text: str) -> tuple[int, int]:
     return parts[0], parts[1]
 
 
+def parse_scale_range(text: str) -> tuple[float, float]:
+    """``"0.6,1.0"`` -> ``(0.6, 1.0)``: two factors with ``0 < low <= high``."""
+    try:
+        low, high = (float(p) for p in text.split(","))
+    except ValueError:
+        low = high = float("nan")
+    if not 0 < low <= high:
+        raise argparse.ArgumentTypeError(
+            f"--scale-range: expected LO,HI with 0 < LO <= HI, got {text!r}"
+        )
+    return low, high
+
+
 def parse_model_arg(text: str) -> tuple[str, Any]:
     """``"backbone=resnet50"`` -> ``("backbone", "resnet50")``; values are Python literals when
     they parse as one (``num_queries=100``, ``aux=("atss",)``), else strings."""
@@ -62,18 +75,41 @@ def parse_model_arg(text: str) -> tuple[str, Any]:
         return key, value
 
 
-def build_dataset(spec: str, split: str, image_size: tuple[int, int]) -> Any:
-    """The dataset named by ``--data``: ``shapes``, ``trees`` or ``PATH.json[:IMG_DIR]``.
+def build_dataset(
+    spec: str,
+    split: str,
+    image_size: tuple[int, int],
+    crop: int | None = None,
+    scale_range: tuple[float, float] = (0.6, 1.0),
+) -> Any:
+    """The dataset named by ``--data``: ``shapes``, ``shapes:N``, ``trees`` or ``PATH.json[:IMG_DIR]``.
 
-    ``split="train"`` uses the training transforms (random flip), anything else the test
-    transforms. ``trees`` and a COCO file have a single split, used for both. ``IMG_DIR``
-    defaults to the annotation file's folder.
+    ``shapes:N`` generates ``N`` training images (in ``data/shapes-nN``) instead of 256; its
+    val split is the standard one (images are drawn per split and index, so they are the same). ``split="train"`` uses the training transforms (resize
+    to ``image_size`` and random flip, or with ``crop`` a random ``crop`` x ``crop`` window of
+    the image scaled by a factor in ``scale_range``), anything else the test transforms.
+    ``trees`` and a COCO file have a single split, used for both. ``IMG_DIR`` defaults to the
+    annotation file's folder.
     """
     from labkit import data
 
-    transforms = (data.train_transforms if split == "train" else data.test_transforms)(image_size)
-    if spec == "shapes":
-        return data.shapes_dataset("train" if split == "train" else "val", transforms=transforms)
+    if split != "train":
+        transforms = data.test_transforms(image_size)
+    elif crop is not None:
+        transforms = data.crop_train_transforms(crop, scale_range)
+    else:
+        transforms = data.train_transforms(image_size)
+    if spec == "shapes" or spec.startswith("shapes:"):
+        name, _, count = spec.partition(":")
+        if count and not (count.isdigit() and int(count) > 0):
+            raise ValueError(f"--data: expected shapes:N with N a positive int, got {spec!r}")
+        num_train = int(count) if count else 256
+        if split != "train" or num_train == 256:  # the val split is the same for every N
+            return data.shapes_dataset(
+                "train" if split == "train" else "val", transforms=transforms
+            )
+        root = os.path.join(data.data_root(), f"shapes-n{num_train}")
+        return data.shapes_dataset("train", root=root, transforms=transforms, num_train=num_train)
     if spec == "trees":
         from labkit.data.trees import trees_dataset
 
@@ -112,7 +148,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     info = distributed.init_distributed()
     if not info.is_main:
         distributed.barrier()
-    train_set = build_dataset(args.data, "train", args.image_size)
+    train_set = build_dataset(
+        args.data, "train", args.image_size, args.train_crop, args.scale_range
+    )
     val_set = (
         None if args.no_eval else build_dataset(args.val_data or args.data, "val", args.image_size)
     )
@@ -273,6 +311,14 @@ def register(subparsers: argparse._SubParsersAction, recipes: Recipes | None = N
     train.add_argument("--accum-steps", type=int, default=None, help="gradient accumulation")
     train.add_argument("--log-every", type=int, default=None)
     train.add_argument("--image-size", type=parse_image_size, default=(512, 512), metavar="H[,W]")
+    train.add_argument(
+        "--train-crop", type=int, default=None, metavar="C",
+        help="train on random C x C crops of the scale-jittered image (tested at --image-size)",
+    )  # fmt: skip
+    train.add_argument(
+        "--scale-range", type=parse_scale_range, default=(0.6, 1.0), metavar="LO,HI",
+        help="with --train-crop: resize factors drawn uniformly in [LO, HI] (default 0.6,1.0)",
+    )  # fmt: skip
     train.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
     train.add_argument("--device", default="auto")
     train.add_argument("--num-workers", type=int, default=0)
