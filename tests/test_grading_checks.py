@@ -259,8 +259,10 @@ NOTEBOOK_SOLUTIONS = [
     ("01_anchors", "my_base_anchors", "base_anchors"),
     ("02_assignment", "my_max_iou", "max_iou_assign"),
     ("02_assignment", "my_atss_threshold", "atss_threshold"),
+    ("02_assignment", "my_atss_assign", "atss_assign"),
     ("03_fcos_centerness", "my_centerness", "centerness_target"),
     ("03_fcos_centerness", "is_fcos_positive", "fcos_positive"),
+    ("03_fcos_centerness", "fcos_point_targets", "fcos_point_targets"),
     ("04_deformable_attention", "my_sampling_locations", "sampling_locations"),
     ("04_deformable_attention", "bilinear", "bilinear_sample"),
     ("05_detr_hungarian", "matching_cost", "matching_cost"),
@@ -268,6 +270,7 @@ NOTEBOOK_SOLUTIONS = [
     ("05_detr_hungarian", "one_to_many", "one_to_many_gt_inds"),
     ("06_codetr_auxiliary_queries", "boxes_to_query_logits", "positive_query_logits"),
     ("06_codetr_auxiliary_queries", "count_positives", "count_positives"),
+    ("06_codetr_auxiliary_queries", "pad_query_group", "query_group"),
 ]
 
 

@@ -23,16 +23,23 @@ from labkit.grading.checks_detr import (
     check_matching_cost,
     check_one_to_many_gt_inds,
 )
+from labkit.grading.checks_lessons import (
+    check_atss_assign,
+    check_fcos_point_targets,
+    check_query_group,
+)
 from labkit.grading.feedback import Case, CheckResult, format_value, run_cases
 
 __all__ = [
     "EXERCISES",
     "check_anchor_center",
+    "check_atss_assign",
     "check_atss_threshold",
     "check_base_anchors",
     "check_bilinear_sample",
     "check_centerness_target",
     "check_count_positives",
+    "check_fcos_point_targets",
     "check_fcos_positive",
     "check_hungarian_gt_inds",
     "check_matching_cost",
@@ -40,6 +47,7 @@ __all__ = [
     "check_one_to_many_gt_inds",
     "check_pairwise_iou",
     "check_positive_query_logits",
+    "check_query_group",
     "check_sampling_locations",
 ]
 
@@ -893,4 +901,7 @@ EXERCISES: dict[str, Callable[..., CheckResult]] = {
     "matching_cost": check_matching_cost,
     "hungarian_gt_inds": check_hungarian_gt_inds,
     "one_to_many_gt_inds": check_one_to_many_gt_inds,
+    "atss_assign": check_atss_assign,
+    "fcos_point_targets": check_fcos_point_targets,
+    "query_group": check_query_group,
 }

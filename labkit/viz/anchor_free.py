@@ -309,3 +309,100 @@ def plot_positive_counts(counts: dict[str, Tensor], gt_bboxes: Tensor, ax: Any =
     ax.set_ylabel("positive priors")
     ax.legend(fontsize=7)
     return ax
+
+
+def scaled_regress_ranges(scale: float) -> tuple[tuple[float, float], ...]:
+    """FCOS's regress ranges with every finite boundary (64, 128, 256, 512) times ``scale``."""
+    return tuple(
+        (lo if lo < 0 else lo * scale, hi if hi >= FCOS_REGRESS_RANGES[-1][1] else hi * scale)
+        for lo, hi in FCOS_REGRESS_RANGES
+    )
+
+
+def plot_fcos_what_if(
+    img: Any,
+    gt_bboxes: Tensor,
+    img_shape: tuple[int, int],
+    center_sampling: bool = True,
+    radius: float = 1.5,
+    range_scale: float = 1.0,
+    strides: Sequence[int] = STRIDES,
+    size: float = 2.5,
+) -> Any:
+    """FCOS positives (top row) and their centerness targets (bottom row), one column per level.
+
+    The setting under study: ``center_sampling`` with ``radius`` (in strides), and the regress
+    range boundaries scaled by ``range_scale`` (:func:`scaled_regress_ranges`). The title gives
+    the positives of each GT; the colour of a dot (and box) is its GT's.
+    """
+    import matplotlib.pyplot as plt
+
+    ranges = scaled_regress_ranges(range_scale)
+    assign = fcos_assignment(
+        gt_bboxes, img_shape, strides, ranges, center_sampling=center_sampling, radius=radius
+    )
+    per_gt = assign.positives_per_gt(len(gt_bboxes)).sum(1).tolist()
+    n = len(strides)
+    fig, axes = plt.subplots(
+        2, n, figsize=(size * n + 0.8, size * 2 + 0.9), squeeze=False, layout="constrained"
+    )
+    h, w = img_shape
+    for lvl, s in enumerate(strides):
+        sub = assign.level == lvl
+        one = PointAssignment(assign.points[sub], assign.level[sub], assign.gt_inds[sub])
+        lo, hi = ranges[lvl]
+        hi_text = "inf" if hi >= FCOS_REGRESS_RANGES[-1][1] else f"{hi:.0f}"
+        draw_assignment(
+            axes[0, lvl], img, gt_bboxes, one, size=6,
+            title=f"stride {s}, range [{lo:.0f}, {hi_text}]\n{int((one.gt_inds >= 0).sum())} positives",
+        )  # fmt: skip
+        ax = axes[1, lvl]
+        show_image(img, ax, title=f"stride {s}: centerness")
+        cg = centerness_grid(assign, img_shape, lvl, s)
+        hh, ww = cg.shape
+        im = ax.imshow(
+            cg, cmap="viridis", vmin=0, vmax=1, alpha=0.85, extent=(0, ww * s, hh * s, 0)
+        )
+        draw_boxes(ax, gt_bboxes, color="white", linewidth=0.8)
+        ax.set_xlim(0, w)
+        ax.set_ylim(h, 0)
+    for ax in axes.flat:
+        ax.title.set_fontsize(8)
+    mode = f"center sampling, radius {radius:g} strides" if center_sampling else "all points inside"
+    fig.suptitle(
+        f"FCOS, {mode}, regress ranges x {range_scale:g}: {sum(per_gt)} positives, per GT {per_gt}",
+        fontsize=10,
+    )
+    fig.colorbar(im, ax=list(axes[:, -1]), shrink=0.6, label="centerness target")
+    return fig
+
+
+def fcos_explorer(
+    img: Any,
+    gt_bboxes: Tensor,
+    img_shape: tuple[int, int],
+    center_sampling: bool = True,
+    radius: float = 1.5,
+    range_scale: float = 1.0,
+) -> None:
+    """ipywidgets: center sampling on/off, its radius (0.5-3 strides) and a scale of the regress
+    ranges; redraws :func:`plot_fcos_what_if`. In a headless batch run it draws once with the
+    given defaults (see ``labkit.notebook.explorer``)."""
+    import matplotlib.pyplot as plt
+
+    from labkit.notebook import explorer
+
+    def redraw(center_sampling, radius, range_scale):
+        plot_fcos_what_if(img, gt_bboxes, img_shape, center_sampling, radius, range_scale)
+        plt.show()
+
+    defaults = {"center_sampling": center_sampling, "radius": radius, "range_scale": range_scale}
+    explorer(
+        redraw,
+        defaults,
+        lambda widgets: {
+            "center_sampling": widgets.Checkbox(value=center_sampling, description="center sampling"),
+            "radius": widgets.FloatSlider(value=radius, min=0.5, max=3.0, step=0.25, description="radius"),
+            "range_scale": widgets.FloatSlider(value=range_scale, min=0.5, max=2.0, step=0.25, description="ranges x"),
+        },
+    )  # fmt: skip

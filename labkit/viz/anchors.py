@@ -163,8 +163,9 @@ def plot_anchor_centres_zoom(
         )
     )  # fmt: skip
     start = (row * fw + col) * a
-    draw_boxes(ax, anchors[start : start + a], color="white", linewidth=0.7, alpha=0.8)
-    ax.plot([], [], color="0.5", linewidth=0.7, label=f"the {a} anchors of the shaded cell")
+    # A colour of their own: the grid lines are grey and the shading white.
+    draw_boxes(ax, anchors[start : start + a], color="deepskyblue", linewidth=1.0, alpha=0.9)
+    ax.plot([], [], color="deepskyblue", linewidth=1.0, label=f"the {a} anchors of the shaded cell")
     centres = ((anchors[:, :2] + anchors[:, 2:]) / 2)[::a]
     ax.scatter(
         centres[:, 0], centres[:, 1], s=36, c="red", edgecolors="white", linewidths=0.8,
@@ -400,12 +401,16 @@ def plot_positives_by_size(rows: Sequence[dict], ax: Any = None) -> Any:
     ax.set_ylabel("anchors per object")
     twin = ax.twinx()
     twin.plot(sizes, [r["mean_max_iou"] for r in rows], "^:", color="0.3", label="best IoU")
-    twin.axhline(0.5, color="0.6", linewidth=0.6)
+    twin.axhline(0.5, color="0.4", linewidth=0.9, linestyle="--", label="IoU 0.5 (pos_iou_thr)")
+    twin.text(sizes[-1], 0.51, "IoU = 0.5", ha="right", va="bottom", fontsize=8, color="0.3")
     twin.set_ylim(0, 1)
     twin.set_ylabel("best anchor IoU")
     lines = ax.get_legend_handles_labels()
     more = twin.get_legend_handles_labels()
-    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="upper left")
+    ax.legend(
+        lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="upper left",
+        bbox_to_anchor=(1.12, 1.0), borderaxespad=0.0, framealpha=0.9,
+    )  # fmt: skip
     return ax
 
 

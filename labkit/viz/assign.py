@@ -112,15 +112,21 @@ def plot_positives(
     title: str | None = None,
     show_boxes: bool = False,
     class_names: Sequence[str] | None = None,
+    number_gts: bool = False,
 ) -> Any:
     """The image, its GTs, and the centres of every positive prior coloured by FPN level.
 
     A thin line joins each positive centre to the centre of its GT, so "which GT" stays
     readable where objects crowd. ``show_boxes`` also draws the positive priors themselves.
+    ``number_gts`` writes each GT's index ``k`` (as in ``gt_inds = k + 1``) under its box's
+    bottom-left corner.
     """
     ax = show_image(img, ax=ax, title=title)
     labels = None if gt_labels is None else gt_labels.cpu()
     draw_boxes(ax, gt_bboxes.cpu(), labels=labels, class_names=class_names, linewidth=1.2)
+    if number_gts:
+        for k, box in enumerate(gt_bboxes.cpu().tolist()):
+            ax.text(box[0], box[3], str(k), color="white", fontsize=8, va="top")
     levels = level_of_priors(num_level_priors)
     pos = torch.nonzero(result.gt_inds.cpu() > 0).squeeze(1)
     priors = priors.cpu()
@@ -199,12 +205,18 @@ def _gaussian(x: np.ndarray, mean: float, var: float) -> np.ndarray:
 
 
 def plot_paa_gmm(
-    selection: PAASelection, gt: int, ax: Any = None, title: str | None = None, bins: int = 12
+    selection: PAASelection,
+    gt: int,
+    ax: Any = None,
+    title: str | None = None,
+    bins: int = 12,
+    legend: bool = True,
 ) -> Any:
     """Histogram of one GT's candidate losses, the two fitted Gaussians and the separation.
 
     Kept candidates are drawn green under the histogram, dropped ones red; the vertical line
-    is the separation point (loss of the last kept candidate).
+    is the separation point (loss of the last kept candidate). ``legend=False`` leaves the
+    legend out (several panels can share one, see :func:`plot_covariance_types`).
     """
     import matplotlib.pyplot as plt
 
@@ -248,7 +260,8 @@ def plot_paa_gmm(
     ax.set_ylabel("density")
     if title:
         ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=6)
+    if legend:
+        ax.legend(fontsize=8, framealpha=0.8)
     return ax
 
 
@@ -274,11 +287,15 @@ def plot_covariance_types(
         sel = paa_select(pos_losses, pos_inds, pos_gt_inds, num_level_anchors, topk, cov)
         selections[cov] = sel
         kept = int(sel.keep[gt].sum())
-        plot_paa_gmm(sel, gt, ax=ax, title=f"{cov}: {kept} kept")
+        plot_paa_gmm(sel, gt, ax=ax, title=f"{cov}: {kept} kept", legend=False)
         if ax is not axes[0]:
             ax.set_ylabel("")
-            ax.get_legend().remove()
     fig.tight_layout()
+    # One legend for the four panels, under them, at a readable size.
+    fig.legend(
+        *axes[0].get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.0),
+        ncol=4, fontsize=8, frameon=False,
+    )  # fmt: skip
     return fig, selections
 
 
@@ -291,10 +308,12 @@ def assignment_explorer(
     pos_losses: Tensor | None = None,
     pos_inds: Tensor | None = None,
     pos_gt_inds: Tensor | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> None:
     """ipywidgets sliders: MaxIoU thresholds, ATSS ``topk``, PAA covariance type, redrawn live.
 
-    The PAA panel needs the first-stage positives and their losses (``pos_*``); without them
+    Boxes are labelled with their class name (``class_names``, else the class id) and their GT
+    index. The PAA panel needs the first-stage positives and their losses (``pos_*``); without them
     it is left out. In a headless batch run it draws once with the defaults (see
     ``labkit.notebook.explorer``).
     """
@@ -321,6 +340,8 @@ def assignment_explorer(
                 gt_labels,
                 ax=ax,
                 title=f"{name}: {n} positives",
+                class_names=class_names,
+                number_gts=True,
             )
         if pos_losses is not None:
             sel = paa_select(
@@ -336,6 +357,8 @@ def assignment_explorer(
                 gt_labels,
                 ax=axes[2],
                 title=f"PAA ({covariance_type}): {int(sel.keep.sum())} positives",
+                class_names=class_names,
+                number_gts=True,
             )
         fig.tight_layout()
         plt.show()
