@@ -514,3 +514,17 @@ def test_cli_eval_refuses_other_classes_before_inference(tmp_path, monkeypatch, 
     with pytest.raises(SystemExit, match=match):
         args.func(args)
     assert built == []  # refused before even building the model
+
+
+def test_cosine_schedule_after_warmup():
+    config = TrainConfig(lr_schedule="cosine", max_iters=100, warmup_iters=10, warmup_ratio=0.1)
+    # warm-up x cosine: step 0 = 0.1 x 1, step 50 = 1 x 0.5, step 100 = 0
+    assert train_module.lr_factor(0, config, 10) == pytest.approx(0.1)
+    assert train_module.lr_factor(50, config, 10) == pytest.approx(0.5)
+    assert train_module.lr_factor(100, config, 10) == pytest.approx(0.0, abs=1e-12)
+    by_epochs = TrainConfig(lr_schedule="cosine", epochs=4, warmup_iters=0)
+    assert train_module.lr_factor(10, by_epochs, 10) == pytest.approx(
+        0.5 * (1 + math.cos(math.pi / 4))
+    )
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="linear")

@@ -173,6 +173,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             "optimizer",
             "lr",
             "warmup_iters",
+            "lr_schedule",
             "max_norm",
             "accum_steps",
             "log_every",
@@ -304,6 +305,10 @@ def register(subparsers: argparse._SubParsersAction, recipes: Recipes | None = N
     train.add_argument("--optimizer", choices=("sgd", "adamw"), default=None)
     train.add_argument("--lr", type=float, default=None)
     train.add_argument("--warmup-iters", type=int, default=None)
+    train.add_argument(
+        "--lr-schedule", choices=("step", "cosine"), default=None,
+        help="step decay at --milestones (default) or a cosine over the whole run",
+    )  # fmt: skip
     train.add_argument(
         "--milestones", type=int, nargs="*", default=None, help="epochs where lr *= 0.1"
     )

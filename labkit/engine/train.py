@@ -62,7 +62,8 @@ class TrainConfig:
     ``lr * lr_mult * warmup(i) * gamma ** (milestones passed)``, where ``warmup(i)`` rises
     linearly from ``warmup_ratio`` at step 0 to 1 at step ``warmup_iters - 1`` (mmengine's
     ``LinearLR(start_factor=warmup_ratio, end=warmup_iters)``) and a milestone ``m`` is
-    passed from epoch ``m`` on (``by_epoch``) or from step ``m`` on.
+    passed from epoch ``m`` on (``by_epoch``) or from step ``m`` on. ``lr_schedule="cosine"``
+    replaces the steps by ``0.5 * (1 + cos(pi * i / total_steps))`` (milestones unused).
 
     Optimizer: ``"sgd"`` (``momentum``) or ``"adamw"`` (``betas``), ``weight_decay`` on all
     parameters; ``lr_mult`` maps a parameter-name substring to a multiplier, the longest
@@ -92,6 +93,7 @@ class TrainConfig:
     milestones: tuple[int, ...] = (8, 11)
     by_epoch: bool = True
     gamma: float = 0.1
+    lr_schedule: str = "step"
     max_norm: float | None = None
     accum_steps: int = 1
     amp: bool = False
@@ -141,6 +143,12 @@ class TrainConfig:
         ms_ok = all(_is_int(m) and m >= 1 for m in ms) and list(ms) == sorted(ms)
         _require(ms_ok, "milestones", "increasing positive ints", ms)
         _require(_positive(self.gamma), "gamma", "a positive float", self.gamma)
+        _require(
+            self.lr_schedule in ("step", "cosine"),
+            "lr_schedule",
+            "'step' or 'cosine'",
+            self.lr_schedule,
+        )
         mn = self.max_norm
         _require(mn is None or _positive(mn), "max_norm", "None or a positive float", mn)
         _require(
@@ -223,12 +231,16 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
 
 
 def lr_factor(iteration: int, config: TrainConfig, iters_per_epoch: int) -> float:
-    """Multiplier of the base lr at optimizer step ``iteration`` (0-based): warm-up x steps."""
+    """Multiplier of the base lr at optimizer step ``iteration`` (0-based): warm-up x steps
+    (``lr_schedule="step"``) or warm-up x half a cosine over the run (``"cosine"``)."""
     factor = 1.0
     if iteration < config.warmup_iters:
         span = config.warmup_iters - 1  # mmengine's LinearLR reaches 1.0 at step end - 1
         ratio = config.warmup_ratio
         factor = ratio + (1.0 - ratio) * iteration / span if span > 0 else ratio
+    if config.lr_schedule == "cosine":  # half a cosine from 1 to 0 over the whole run
+        total = config.max_iters or config.epochs * iters_per_epoch
+        return factor * 0.5 * (1.0 + math.cos(math.pi * min(1.0, iteration / max(total, 1))))
     scale = iters_per_epoch if config.by_epoch else 1
     passed = sum(iteration >= m * scale for m in config.milestones)
     return factor * config.gamma**passed
