@@ -12,7 +12,7 @@ from torch import Tensor
 
 from labkit.anchors import AnchorGenerator, PointGenerator
 from labkit.heads.fcos import FCOS_REGRESS_RANGES, centerness_target, fcos_targets_single
-from labkit.viz.draw import class_color, draw_boxes, grid, show_image
+from labkit.viz.draw import class_color, draw_boxes, grid, level_color, show_image
 
 STRIDES = (8, 16, 32, 64, 128)
 
@@ -406,3 +406,31 @@ def fcos_explorer(
             "range_scale": widgets.FloatSlider(value=range_scale, min=0.5, max=2.0, step=0.25, description="ranges x"),
         },
     )  # fmt: skip
+
+
+def plot_centerness_pairs(pairs: dict, ax: Any = None, title: str | None = None) -> Any:
+    """Predicted centerness against its target for positive points (``lessons.fcos_analysis
+    .centerness_pairs``), one colour per FPN level, with the diagonal and Pearson's r."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4.6, 4.2))
+    target, predicted, level = pairs["target"], pairs["predicted"], pairs["level"]
+    for lvl in level.unique().tolist():
+        sel = level == lvl
+        ax.scatter(target[sel].numpy(), predicted[sel].numpy(), s=8, alpha=0.6,
+                   color=level_color(lvl), label=f"P{lvl + 3} (stride {STRIDES[lvl]})")  # fmt: skip
+    ax.plot([0, 1], [0, 1], "--", color="0.4", lw=1, label="prediction = target")
+    r = (
+        float(torch.corrcoef(torch.stack([target, predicted]))[0, 1])
+        if len(target) > 1
+        else float("nan")
+    )
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_aspect("equal")
+    ax.set_xlabel("centerness target")
+    ax.set_ylabel("predicted centerness (sigmoid)")
+    ax.set_title(title or f"{len(target)} positive points, Pearson r = {r:.2f}", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left")
+    return ax
