@@ -12,6 +12,7 @@ from labkit.grading.build import build_assignments, instructor_notebook, student
 from labkit.grading.feedback import CHECK_MIME, DONE_MIME
 from labkit.grading.grade import (
     GRADER_KEY,
+    check_slots,
     grade_submissions,
     prepare_submission,
     score_notebook,
@@ -40,7 +41,7 @@ def solved(**cells: str) -> dict:
 # ---------------------------------------------------------------------------------------
 
 
-def test_prepare_puts_back_instructor_checks_with_hidden_tests():
+def test_prepare_puts_serve_cells_in_place_and_hidden_tests_only_go_to_the_checker():
     sub = solved()
     sub["cells"][3]["source"] = "# labkit-check: add (2 points)\nassert True  # edited by a student"
     sub["cells"][3]["outputs"] = [{"output_type": "display_data", "data": {DONE_MIME: {}}}]
@@ -59,10 +60,18 @@ def test_prepare_puts_back_instructor_checks_with_hidden_tests():
         (4, {"exercise": "add", "index": 0, "points": 2.0}),  # the locked cell, not the scratch
         (7, {"exercise": "twice", "index": 0, "points": 1.0}),  # inserted after `def twice`
     ]
-    add_check = src(nb["cells"][4])
-    assert add_check.startswith(CHECK) and "assert add(-1, 1) == 0" in add_check
-    assert DONE_MIME in add_check and "edited by a student" not in add_check
+    serve = src(nb["cells"][4])
+    assert "_labkit_rpc.serve('add', 0, " in serve and "edited by a student" not in serve
+    # The student's kernel never sees the check code, hidden tests least of all ...
+    assert "assert add(-1, 1) == 0" not in json.dumps(nb) and "HIDDEN" not in json.dumps(nb)
     assert nb["cells"][4]["outputs"] == []  # the forged done marker is gone
+    # ... the checking process gets the instructor's check cells, hidden tests included.
+    slots = check_slots(toy_notebook(), "toy")
+    assert [(s["exercise"], s["index"], s["names"], s["imports"]) for s in slots] == [
+        ("add", 0, ["add"], []),
+        ("twice", 0, ["twice"], []),
+    ]
+    assert slots[0]["source"].startswith(CHECK) and "assert add(-1, 1) == 0" in slots[0]["source"]
     assert "labkit" not in nb["cells"][-1]["metadata"]  # the extra check counts for nothing
     assert src(nb["cells"][6]) == TWICE_OK
 

@@ -44,6 +44,18 @@ def _cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _limits(args: argparse.Namespace):
+    import os
+
+    from labkit.grading.sandbox import Limits
+
+    return Limits(
+        memory=int(args.memory_limit * (1 << 30)),
+        processes=args.max_processes,
+        cpus=max(1.0, (os.cpu_count() or 1) / max(1, args.jobs)),
+    )
+
+
 def _cmd_grade(args: argparse.Namespace) -> int:
     from labkit.grading.grade import grade_submissions
 
@@ -60,6 +72,7 @@ def _cmd_grade(args: argparse.Namespace) -> int:
             keep_executed=args.keep_executed,
             partial_credit=not args.all_or_nothing,
             progress=not args.no_progress,
+            limits=_limits(args),
         )
     except (ValueError, FileNotFoundError) as err:
         print(f"labkit assignments grade: {err}", file=sys.stderr)
@@ -122,9 +135,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "grade",
         parents=[common],
         help="run SUBMISSIONS_DIR/<student>/<notebook>.ipynb and write the gradebook",
-        description="Run every submitted notebook (papermill, one sandboxed kernel each) with "
-        "the instructor's check cells (hidden tests included), score each exercise and write "
-        "the gradebook CSV plus a markdown feedback file per student.",
+        description="Run every submitted notebook (papermill and its kernel in a bubblewrap "
+        "sandbox) while a fresh checking process runs the instructor's check cells (hidden "
+        "tests included) on its functions, score each exercise and write the gradebook CSV "
+        "plus a markdown feedback file per student.",
     )
     grade.add_argument("submissions_dir", help="folder with one sub-folder per student")
     grade.add_argument(
@@ -151,6 +165,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--all-or-nothing",
         action="store_true",
         help="no partial credit: a check cell earns its points only if every case passes",
+    )
+    grade.add_argument(
+        "--memory-limit",
+        type=float,
+        default=8,
+        help="GiB of address space per process in the sandbox (default 8)",
+    )
+    grade.add_argument(
+        "--max-processes",
+        type=int,
+        default=512,
+        help="tasks per sandbox where cgroups allow; half as many processes stop it (default 512)",
     )
     grade.add_argument("--no-progress", action="store_true", help="no progress bar")
     grade.set_defaults(func=_cmd_grade)

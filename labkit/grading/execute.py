@@ -17,6 +17,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+SERVE_ALLOWANCE = 60.0  # seconds a serve cell gets over the per-cell limit, to load torch
+
 
 def execute(
     input_path: str,
@@ -31,6 +33,14 @@ def execute(
 
     from labkit.notebook import HEADLESS_ENV
     from labkit.run_notebooks import describe_error, execute_notebook
+
+    def timeout_func(cell) -> float | None:
+        # A grader's serve cell first loads torch and labkit in the kernel (not the student's
+        # time); the per-cell limit on the check itself is applied by the serve loop and the
+        # checking process, from the moment it starts.
+        if cell_timeout and "labkit_grader" in cell.get("metadata", {}):
+            return cell_timeout + SERVE_ALLOWANCE
+        return cell_timeout
 
     os.environ.pop("MPLBACKEND", None)  # inline plots in the kernel, as run_notebooks does
     os.environ[HEADLESS_ENV] = "1"  # explorers draw once instead of opening widgets
@@ -47,6 +57,7 @@ def execute(
             progress_bar=False,
             log_output=False,
             execution_timeout=cell_timeout,
+            timeout_func=timeout_func,
             allow_errors=True,
             interrupt_on_timeout=True,
             # No IPython history file: nothing shared between students' kernels.

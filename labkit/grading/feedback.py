@@ -38,6 +38,8 @@ NOT_RUN = "not run (implement the function first)"
 MAX_SHOWN_FAILURES = 3
 _GRADING_DIR = str(Path(__file__).resolve().parent)
 _KERNEL_FILE = re.compile(r"[^\"\s]*ipykernel_\d+[/\\]\d+\.py")
+# The grader's checking process (labkit.grading.checker) collects every check's result here.
+_RESULT_SINK: list[dict] | None = None
 
 
 class CheckFailed(AssertionError):
@@ -305,6 +307,8 @@ def _traceback_tail(err: BaseException, frames: int = 3) -> str:
     """The last frames outside labkit.grading: where the student's code failed."""
     stack = [f for f in traceback.extract_tb(err.__traceback__) if _GRADING_DIR not in f.filename]
     lines = traceback.format_list(stack[-frames:])
+    # Raised in the student's kernel and sent to the grader's checking process: that trace.
+    lines.append(getattr(err, "remote_traceback", ""))
     # ipykernel compiles each cell to a temporary file named by process id: say "cell" instead.
     tail = _KERNEL_FILE.sub("<notebook cell>", "".join(lines).rstrip())
     head = f"{type(err).__name__}: {err}".strip()
@@ -409,6 +413,8 @@ def run_cases(
             result.cases += [CaseResult(c.name, False, NOT_RUN) for c in cases[1:]]
             break
     failed = not result.passed
+    if _RESULT_SINK is not None:
+        _RESULT_SINK.append(result.to_json())
     _show(result, failed)
     if failed and raise_on_fail:
         raise CheckFailed(result.report())
