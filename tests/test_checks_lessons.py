@@ -164,3 +164,30 @@ def test_checks_do_not_print_the_answer_formula():
     )
     report = result.report()
     assert "padding_attn_mask" not in report and "torch.eye" not in report
+
+
+def test_hbm_floor_check_passes_the_reference_and_names_a_missing_term():
+    from labkit.grading.checks_lessons import check_hbm_floor
+    from labkit.lessons.attention_cost import hbm_floor_us
+
+    def reference(bs, num_queries, num_keys, num_heads, head_dims, num_levels, num_points,
+                  dtype_bytes, bandwidth_tb_s):  # fmt: skip
+        return hbm_floor_us(bs, num_queries, num_keys, num_heads, head_dims, num_levels,
+                            num_points, dtype_bytes, bandwidth_tb_s)  # fmt: skip
+
+    assert check_hbm_floor(reference).passed and check_hbm_floor(reference, seed=1).passed
+
+    def no_weights(bs, num_queries, num_keys, num_heads, head_dims, num_levels, num_points,
+                   dtype_bytes, bandwidth_tb_s):  # fmt: skip
+        samples = bs * num_queries * num_heads * num_levels * num_points
+        return reference(bs, num_queries, num_keys, num_heads, head_dims, num_levels,
+                         num_points, dtype_bytes, bandwidth_tb_s) - samples * 4 / (bandwidth_tb_s * 1e12) * 1e6  # fmt: skip
+
+    result = check_hbm_floor(no_weights, raise_on_fail=False)
+    assert result.score == 0.0
+    assert any("attention weights are read too" in m for m in result.messages)
+
+    def stub(*args):
+        raise NotImplementedError
+
+    assert check_hbm_floor(stub, raise_on_fail=False).score == 0.0

@@ -265,6 +265,7 @@ NOTEBOOK_SOLUTIONS = [
     ("03_fcos_centerness", "fcos_point_targets", "fcos_point_targets"),
     ("04_deformable_attention", "my_sampling_locations", "sampling_locations"),
     ("04_deformable_attention", "bilinear", "bilinear_sample"),
+    ("04_deformable_attention", "hbm_floor", "hbm_floor"),
     ("05_detr_hungarian", "matching_cost", "matching_cost"),
     ("05_detr_hungarian", "hungarian_gt_inds", "hungarian_gt_inds"),
     ("05_detr_hungarian", "one_to_many", "one_to_many_gt_inds"),

@@ -26,6 +26,7 @@ from labkit.grading.checks_detr import (
 from labkit.grading.checks_lessons import (
     check_atss_assign,
     check_fcos_point_targets,
+    check_hbm_floor,
     check_query_group,
 )
 from labkit.grading.feedback import Case, CheckResult, format_value, run_cases
@@ -41,6 +42,7 @@ __all__ = [
     "check_count_positives",
     "check_fcos_point_targets",
     "check_fcos_positive",
+    "check_hbm_floor",
     "check_hungarian_gt_inds",
     "check_matching_cost",
     "check_max_iou_assign",
@@ -904,4 +906,5 @@ EXERCISES: dict[str, Callable[..., CheckResult]] = {
     "atss_assign": check_atss_assign,
     "fcos_point_targets": check_fcos_point_targets,
     "query_group": check_query_group,
+    "hbm_floor": check_hbm_floor,
 }

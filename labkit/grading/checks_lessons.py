@@ -1,4 +1,5 @@
-"""Checks of the third exercises of notebooks 02, 03 and 06: ATSS, FCOS targets, Co-DETR groups.
+"""Checks of the third exercises of notebooks 02, 03, 04 and 06: ATSS, FCOS targets, the HBM
+floor of deformable attention, Co-DETR groups.
 
 Same contract as :mod:`labkit.grading.checks`: the student's function runs on hand-picked edge
 cases and seeded random inputs and is compared with labkit's own code; a wrong answer is
@@ -15,7 +16,7 @@ from torch import Tensor
 
 from labkit.grading.feedback import Case, CheckResult, format_value, run_cases
 
-__all__ = ["check_atss_assign", "check_fcos_point_targets", "check_query_group"]
+__all__ = ["check_atss_assign", "check_fcos_point_targets", "check_hbm_floor", "check_query_group"]
 
 
 def _same(got: object, expected: Tensor) -> bool:
@@ -557,3 +558,57 @@ def check_query_group(
             )
         )
     return run_cases("query_group", student_fn, cases, raise_on_fail=raise_on_fail)
+
+
+def check_hbm_floor(
+    student_fn: Callable, *, seed: int = 0, num_random: int = 3, raise_on_fail: bool = True
+) -> CheckResult:
+    """Exercise ``hbm_floor``: ``fn(bs, num_queries, num_keys, num_heads, head_dims, num_levels,
+    num_points, dtype_bytes, bandwidth_tb_s) -> float`` microseconds.
+
+    The memory-traffic floor of one deformable-attention forward: every input read once (the
+    value map in ``dtype_bytes``, sampling locations (x, y) and attention weights in float32)
+    and the output written once, at ``bandwidth_tb_s`` TB/s
+    (:func:`labkit.lessons.attention_cost.hbm_floor_us`).
+    """
+    from labkit.lessons.attention_cost import hbm_floor_us
+
+    names = ("bs", "num_queries", "num_keys", "num_heads", "head_dims", "num_levels",
+             "num_points", "dtype_bytes", "bandwidth_tb_s")  # fmt: skip
+    settings = [
+        ("the encoder at 800 x 1333 (section 8)", (2, 22223, 22223, 8, 32, 4, 4, 4, 3.35)),
+        ("the decoder: 300 queries", (2, 300, 22223, 8, 32, 4, 4, 4, 3.35)),
+        ("bfloat16 values (2 bytes), an H200 at 4.8 TB/s", (2, 22223, 22223, 8, 32, 4, 4, 2, 4.8)),
+        ("one head, one level, one point", (1, 10, 100, 1, 32, 1, 1, 4, 1.0)),
+    ]
+    g = torch.Generator().manual_seed(18000 + seed)
+    for _ in range(num_random):
+        draw = [int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in
+                ((1, 5), (1, 2000), (100, 30000), (1, 9), (8, 65), (1, 5), (1, 9))]  # fmt: skip
+        settings.append((f"random (seed {seed})", (*draw, 4, 2.0)))
+    cases = []
+    for name, values in settings:
+        args = dict(zip(names, values, strict=True))
+        bs, nq, nk, heads, dims, levels, points, nbytes, bw = values
+        samples = bs * nq * heads * levels * points
+
+        def hint(got, expected, samples=samples, nbytes=nbytes, bw=bw):
+            if not isinstance(got, (int, float)):
+                return "return a number of microseconds"
+            extra = {
+                "the sampling locations": samples * 2 * 4,
+                "the attention weights": samples * 4,
+            }
+            for what, nbytes_term in extra.items():
+                if abs(got - (expected - nbytes_term / (bw * 1e12) * 1e6)) < 1e-6 * max(
+                    expected, 1
+                ):
+                    return f"{what} are read too: count their bytes"
+            if nbytes != 4 and abs(got - expected) > 0:
+                return "locations and weights stay float32 whatever the value dtype"
+            if abs(got * 1e6 - expected) < 1e-6 * expected:
+                return "the result is in microseconds: divide bytes by bytes per second, times 1e6"
+            return None
+
+        cases.append(Case(name, args, hbm_floor_us(*values[:8], bandwidth_tb_s=bw), hint=hint))
+    return run_cases("hbm_floor", student_fn, cases, raise_on_fail=raise_on_fail, rtol=1e-6)
