@@ -84,12 +84,34 @@ class Sandbox:
         )
 
 
+def _under(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def _rebound() -> list[str]:
+    """What Python needs that lives under ``/tmp`` (a checkout or venv there, PYTHONPATH
+    entries): bound back read-only over the sandbox's empty ``/tmp``, so a grader run from a
+    clone in ``/tmp`` still finds its interpreter and labkit."""
+    paths = [str(p) for p in _needed()]
+    paths += [
+        str(Path(p).resolve()) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p
+    ]
+    out: list[str] = []
+    for p in paths:
+        if os.path.exists(p) and _under(p, "/tmp") and p not in out:
+            out.append(p)
+    return sorted(out, key=lambda s: (s.count("/"), s))
+
+
 def _bwrap_base() -> list[str]:
-    return [
+    cmd = [
         "bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
         "--tmpfs", "/tmp", "--unshare-all", "--unshare-user", "--uid", str(NOBODY),
         "--gid", str(NOBODY), "--hostname", "sandbox", "--die-with-parent", "--new-session",
     ]  # fmt: skip
+    for path in _rebound():
+        cmd += ["--ro-bind", path, path]
+    return cmd
 
 
 @functools.lru_cache(maxsize=1)
@@ -166,8 +188,10 @@ def sandbox_command(
     cmd = _bwrap_base()
     # Parents first; a folder inside a hidden one (or inside /tmp, a fresh tmpfs) is not there.
     covered = ["/tmp"]
+    rebound = _rebound()
     for path in sandbox.hidden:
-        if any(path == c or path.startswith(c.rstrip("/") + "/") for c in covered):
+        shown_again = any(_under(path, r) for r in rebound)  # e.g. notebooks/ of a /tmp clone
+        if not shown_again and any(_under(path, c) for c in covered):
             continue
         cmd += ["--tmpfs", path, "--remount-ro", path]  # empty, and nothing can be written
         covered.append(path)
