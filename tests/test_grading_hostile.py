@@ -177,6 +177,9 @@ def test_sandbox_command_hides_the_grader_and_other_students(tmp_path):
     # read-only tmpfs covers them, before the scratch folder is bound.
     assert str(subs) not in cmd and str(out) not in cmd
     tests = str(Path(__file__).parent)
+    if tests.startswith("/tmp/"):  # a checkout in /tmp: only its labkit package comes back
+        assert tests not in cmd
+        return
     i = cmd.index(tests)
     assert cmd[i - 1 : i + 3] == ["--tmpfs", tests, "--remount-ro", tests]
     assert i < cmd.index("/tmp/labkit")

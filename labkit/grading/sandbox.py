@@ -89,13 +89,11 @@ def _under(path: str, folder: str) -> bool:
 
 
 def _rebound() -> list[str]:
-    """What Python needs that lives under ``/tmp`` (a checkout or venv there, PYTHONPATH
-    entries): bound back read-only over the sandbox's empty ``/tmp``, so a grader run from a
-    clone in ``/tmp`` still finds its interpreter and labkit."""
+    """What Python needs that lives under ``/tmp`` (the interpreter, a venv, the labkit package
+    of a checkout there): bound back read-only over the sandbox's empty ``/tmp``, so a grader
+    run from a clone in ``/tmp`` still works. Only those folders come back, not the checkout
+    around them (its notebooks hold hidden tests)."""
     paths = [str(p) for p in _needed()]
-    paths += [
-        str(Path(p).resolve()) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p
-    ]
     out: list[str] = []
     for p in paths:
         if os.path.exists(p) and _under(p, "/tmp") and p not in out:
@@ -156,7 +154,9 @@ def hidden_paths(paths: Sequence[str | os.PathLike]) -> list[str]:
         p = Path(p).resolve()
         if not p.is_dir() or p == Path("/") or str(p) in out:
             continue
-        if any(n == p or p in n.parents for n in needed):
+        # A folder holding Python or labkit stays visible, read-only; under /tmp they are
+        # bound back one by one (``_rebound``), so /tmp itself can be covered.
+        if not _under(str(p), "/tmp") and any(n == p or p in n.parents for n in needed):
             continue
         out.append(str(p))
     return sorted(out, key=lambda s: (s.count("/"), s))
