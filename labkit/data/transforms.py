@@ -506,11 +506,19 @@ def train_transforms(
     std: Sequence[float] = IMAGENET_STD,
 ) -> Compose:
     """mmdetection's training pipeline: Resize(keep_ratio) → RandomFlip → Normalize → Pad → ToTensor."""
-    steps: list[Callable[[dict], dict]] = [
-        Resize(scale, keep_ratio=True),
-        RandomFlip(flip_prob, "horizontal", seed=seed),
-        Normalize(mean, std),
-    ]
+    return _flip_and_finish(Resize(scale, keep_ratio=True), flip_prob, seed, size_divisor, mean, std)
+
+
+def _flip_and_finish(
+    first: Callable[[dict], dict],
+    flip_prob: float,
+    seed: int | None,
+    size_divisor: int | None,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> Compose:
+    """``first`` → RandomFlip → Normalize → (Pad) → ToTensor: the training pipelines' tail."""
+    steps = [first, RandomFlip(flip_prob, "horizontal", seed=seed), Normalize(mean, std)]
     if size_divisor is not None:
         steps.append(Pad(size_divisor=size_divisor))
     steps.append(ToTensor())
@@ -528,15 +536,8 @@ def crop_train_transforms(
 ) -> Compose:
     """Training on crops: RandomScaleCrop → RandomFlip → Normalize → Pad → ToTensor (the zoo's
     setting: 320-px crops of 0.6-1x scaled 512-px images, tested on the whole 512-px images)."""
-    steps: list[Callable[[dict], dict]] = [
-        RandomScaleCrop(crop_size, scale_range, seed=seed),
-        RandomFlip(flip_prob, "horizontal", seed=seed),
-        Normalize(mean, std),
-    ]
-    if size_divisor is not None:
-        steps.append(Pad(size_divisor=size_divisor))
-    steps.append(ToTensor())
-    return Compose(steps)
+    crop = RandomScaleCrop(crop_size, scale_range, seed=seed)
+    return _flip_and_finish(crop, flip_prob, seed, size_divisor, mean, std)
 
 
 def test_transforms(
