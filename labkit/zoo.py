@@ -19,6 +19,7 @@ killed run continues where its last checkpoint stopped), then stores, in ``data/
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -38,6 +39,7 @@ __all__ = [
     "compare",
     "load",
     "manifest",
+    "manifest_row",
     "register",
     "train_entry",
     "zoo_dir",
@@ -179,7 +181,10 @@ def _write_manifest(rows: list[dict], root: Path) -> None:
     write_atomic(root / "MANIFEST.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def _row(name: str, seed: int, root: Path) -> dict:
+def manifest_row(name: str, seed: int = 0, root: Path | None = None) -> dict:
+    """The manifest row of zoo model ``name`` trained from ``seed`` (AP, AP50, sha256, ...);
+    ``ValueError`` naming what is trained when it is not."""
+    root = root or zoo_dir()
     for row in manifest(root):
         if row["name"] == name and row["seed"] == seed:
             return row
@@ -203,7 +208,7 @@ def load(
     from labkit.recipes import RECIPES
 
     root = root or zoo_dir()
-    row = _row(name, seed, root)
+    row = manifest_row(name, seed, root)
     path = root / row["file"]
     if not path.is_file():
         raise FileNotFoundError(
@@ -331,9 +336,23 @@ def train_entry(
         "torch": torch.__version__,
         "command": "labkit " + shlex.join(argv),
     }
-    rows = [r for r in manifest(root) if (r["name"], r["seed"]) != (name, seed)]
-    _write_manifest([*rows, row], root)
+    with _manifest_lock(root):  # two `zoo train` jobs (one per core) may finish together
+        rows = [r for r in manifest(root) if (r["name"], r["seed"]) != (name, seed)]
+        _write_manifest([*rows, row], root)
     return row
+
+
+@contextlib.contextmanager
+def _manifest_lock(root: Path):
+    """An exclusive lock on ``root/.MANIFEST.lock`` around a read-modify-write of the manifest."""
+    import fcntl
+
+    with open(root / ".MANIFEST.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # ----------------------------------------------------------------------------- command line
