@@ -1,0 +1,156 @@
+"""The lessons' comparisons, read from the zoo's recorded runs (never from a live quick run).
+
+A lesson that compares detectors shows :func:`seed_table` (mean ± sample std over the trained
+seeds), :func:`claim` (what the recorded numbers do and do not support) and the recorded training
+curves (:func:`loss_curve`, :func:`val_curve`, drawn by ``labkit.viz.recorded``).
+
+:data:`LESSON_CLAIMS` lists every comparison a notebook's text makes, with the verdict the text
+states; ``tests/test_zoo_claims.py`` re-derives each verdict from ``data/zoo/MANIFEST.json``, so a
+new seed that changes a verdict fails the suite until the text is updated.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from labkit import zoo
+
+__all__ = [
+    "Claim",
+    "LESSON_CLAIMS",
+    "LessonClaim",
+    "claim",
+    "loss_curve",
+    "seed_table",
+    "val_curve",
+]
+
+ABOVE = "above"
+WITHIN_NOISE = "within noise"
+TOO_FEW_SEEDS = "too few seeds"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What the recorded seeds say about ``first`` against ``second`` on ``metric``.
+
+    ``verdict`` is ``"above"`` (first's mean exceeds second's by more than the seed spread, the
+    sum of the two sample standard deviations), ``"below"`` (the reverse), ``"within noise"``
+    or ``"too few seeds"`` (fewer than two seeds on either side: no spread, no claim).
+    """
+
+    first: str
+    second: str
+    metric: str
+    n_first: int
+    n_second: int
+    mean_first: float | None
+    mean_second: float | None
+    difference: float | None
+    spread: float | None
+    verdict: str
+
+    @property
+    def sentence(self) -> str:
+        """The verdict in words, with its numbers."""
+        if self.verdict == TOO_FEW_SEEDS:
+            return (
+                f"{self.first} vs {self.second}: {self.n_first} and {self.n_second} recorded "
+                f"seed(s); at least two each are needed before a difference means anything"
+            )
+        detail = (
+            f"{self.metric} {self.mean_first:.3f} vs {self.mean_second:.3f} (n = "
+            f"{self.n_first}, {self.n_second}): difference {self.difference:+.3f}, seed spread "
+            f"{self.spread:.3f}"
+        )
+        if self.verdict == WITHIN_NOISE:
+            return f"{self.first} vs {self.second}: within noise; {detail}"
+        return f"{self.first} is {self.verdict} {self.second}; {detail}"
+
+
+def claim(first: str, second: str, metric: str = "AP", root: Path | None = None) -> Claim:
+    """Compare two zoo names over their recorded seeds (see :class:`Claim` for the rule)."""
+    a, b = zoo.compare([first, second], metric, root)
+    if a["n"] < 2 or b["n"] < 2:
+        return Claim(first, second, metric, a["n"], b["n"], a["mean"], b["mean"], None, None,
+                     TOO_FEW_SEEDS)  # fmt: skip
+    difference = a["mean"] - b["mean"]
+    spread = a["std"] + b["std"]
+    if abs(difference) <= spread:
+        verdict = WITHIN_NOISE
+    else:
+        verdict = ABOVE if difference > 0 else "below"
+    return Claim(first, second, metric, a["n"], b["n"], a["mean"], b["mean"], difference, spread,
+                 verdict)  # fmt: skip
+
+
+def seed_table(names: list[str], metrics: tuple[str, ...] = ("AP", "AP50"), root=None) -> str:
+    """A text table: per zoo name, the number of seeds and mean ± std of each metric, then every
+    seed's value of the first metric. Untrained names show ``-``."""
+    head = f"{'model':<24} {'seeds':>5}" + "".join(f" {m + ' mean ± std':>19}" for m in metrics)
+    lines = [head + f"   per seed ({metrics[0]})"]
+    for name in names:
+        cols = zoo.compare([name], metrics[0], root)[0]
+        text = f"{name:<24} {cols['n']:>5}"
+        for metric in metrics:
+            c = zoo.compare([name], metric, root)[0]
+            if c["n"] == 0:
+                text += f" {'-':>19}"
+            elif c["std"] is None:
+                text += f" {c['mean']:>10.3f} ± {'n/a':<6}"
+            else:
+                text += f" {c['mean']:>10.3f} ± {c['std']:<6.3f}"
+        per_seed = ", ".join(f"s{s}: {v:.3f}" for s, v in zip(cols["seeds"], cols["values"]))
+        lines.append(text + f"   {per_seed or 'not trained'}")
+    return "\n".join(lines)
+
+
+def _log(name: str, seed: int, root: Path | None) -> list[dict]:
+    path = (root or zoo.zoo_dir()) / f"{name}-seed{seed}.log.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"name, seed: no recorded log {path} (labkit zoo train {name})")
+    records: dict[tuple[str, int], dict] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if record.get("mode") in ("train", "val"):
+            records[(record["mode"], record["iter"])] = record  # a resumed run re-logs: last wins
+    return [records[k] for k in sorted(records, key=lambda k: (k[1], k[0]))]
+
+
+def loss_curve(name: str, seed: int, key: str = "loss", root=None) -> tuple[list, list]:
+    """``(iterations, values)`` of a logged training quantity of zoo run ``name``/``seed``."""
+    rows = [r for r in _log(name, seed, root) if r["mode"] == "train" and key in r]
+    return [r["iter"] for r in rows], [float(r[key]) for r in rows]
+
+
+def val_curve(name: str, seed: int, metric: str = "AP", root=None) -> tuple[list, list]:
+    """``(iterations, values)`` of a validation metric of zoo run ``name``/``seed`` (per epoch)."""
+    rows = [r for r in _log(name, seed, root) if r["mode"] == "val"]
+    return [r["iter"] for r in rows], [float(r[metric]) for r in rows]
+
+
+@dataclass(frozen=True)
+class LessonClaim:
+    """A comparison a notebook's text states: ``claim(first, second, metric).verdict == verdict``,
+    in the words of ``phrase``, which appears verbatim in the notebook's markdown."""
+
+    notebook: str
+    first: str
+    second: str
+    metric: str
+    verdict: str
+    phrase: str
+
+
+# Every comparison the notebooks' text makes from recorded runs. Change a verdict here only
+# together with the sentence in the notebook that states it.
+LESSON_CLAIMS: tuple[LessonClaim, ...] = ()
+
+
+def mean_of(name: str, metric: str = "AP", root=None) -> float | None:
+    """The mean of ``metric`` over the recorded seeds of ``name`` (``None`` when untrained)."""
+    values = [float(r[metric]) for r in zoo.manifest(root) if r["name"] == name]
+    return statistics.fmean(values) if values else None

@@ -1,0 +1,81 @@
+"""Recorded zoo comparisons: the claim rule, the seed table and the logged curves."""
+
+import json
+
+import pytest
+
+from labkit.lessons import recorded
+
+
+def _zoo(tmp_path, values: dict[str, list[float]]):
+    """A zoo folder whose manifest holds ``values[name][seed]`` as AP (AP50 = 2 x AP)."""
+    rows = []
+    for name, aps in values.items():
+        for seed, ap in enumerate(aps):
+            rows.append({"name": name, "seed": seed, "AP": ap, "AP50": 2 * ap, "file": "x"})
+            log = [
+                {"mode": "train", "iter": 50, "loss": 2.0},
+                {"mode": "val", "iter": 100, "AP": ap / 2},
+                {"mode": "train", "iter": 100, "loss": 1.0 + seed},
+                {"mode": "val", "iter": 200, "AP": ap},
+            ]
+            text = "\n".join(json.dumps(r) for r in log) + "\n"
+            (tmp_path / f"{name}-seed{seed}.log.jsonl").write_text(text)
+    (tmp_path / "MANIFEST.json").write_text(json.dumps({"models": rows}))
+    return tmp_path
+
+
+def test_a_difference_counts_only_beyond_the_summed_spread(tmp_path):
+    # a: mean 0.30, std 0.01; b: mean 0.25, std 0.01 -> difference 0.05 > spread 0.02
+    root = _zoo(tmp_path, {"a": [0.29, 0.30, 0.31], "b": [0.24, 0.25, 0.26], "c": [0.27, 0.31]})
+    c = recorded.claim("a", "b", root=root)
+    assert c.verdict == "above" and c.n_first == 3 and c.n_second == 3
+    assert c.difference == pytest.approx(0.05) and c.spread == pytest.approx(0.02)
+    assert recorded.claim("b", "a", root=root).verdict == "below"
+    # c: mean 0.29, std 0.02828; a - c = 0.01 < 0.01 + 0.0283 -> noise
+    within = recorded.claim("a", "c", root=root)
+    assert within.verdict == "within noise" and "within noise" in within.sentence
+    assert within.spread == pytest.approx(0.01 + 0.04 / 2**0.5)
+
+
+def test_one_seed_is_never_a_claim(tmp_path):
+    root = _zoo(tmp_path, {"a": [0.5], "b": [0.1, 0.11]})
+    c = recorded.claim("a", "b", root=root)
+    assert c.verdict == "too few seeds" and c.difference is None
+    assert "1 and 2 recorded" in c.sentence
+    assert recorded.claim("a", "untrained", root=root).n_second == 0
+
+
+def test_seed_table_lists_mean_std_and_every_seed(tmp_path):
+    root = _zoo(tmp_path, {"a": [0.29, 0.30, 0.31], "b": [0.4]})
+    table = recorded.seed_table(["a", "b", "nobody"], ("AP", "AP50"), root=root).splitlines()
+    assert table[1].split()[:2] == ["a", "3"]
+    assert "0.300 ± 0.010" in table[1] and "0.600 ± 0.020" in table[1]
+    assert "s0: 0.290, s1: 0.300, s2: 0.310" in table[1]
+    assert "0.400 ± n/a" in table[2]
+    assert table[3].split()[:2] == ["nobody", "0"] and "not trained" in table[3]
+
+
+def test_curves_come_from_the_log(tmp_path):
+    root = _zoo(tmp_path, {"a": [0.3, 0.5]})
+    assert recorded.val_curve("a", 1, root=root) == ([100, 200], [0.25, 0.5])
+    assert recorded.loss_curve("a", 1, root=root) == ([50, 100], [2.0, 2.0])
+    assert recorded.mean_of("a", root=root) == pytest.approx(0.4)
+    assert recorded.mean_of("nobody", root=root) is None
+    with pytest.raises(FileNotFoundError, match="name, seed"):
+        recorded.val_curve("a", 7, root=root)
+
+
+def test_comparison_figure_has_a_line_per_seed_and_a_whisker(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from labkit.viz.recorded import plot_recorded_comparison
+
+    root = _zoo(tmp_path, {"a": [0.3, 0.5], "b": [0.2]})
+    fig = plot_recorded_comparison(["a", "b", "nobody"], root=root)
+    curves, finals = fig.axes
+    assert len(curves.lines) == 3  # two seeds of a, one of b
+    labels = [t.get_text() for t in finals.get_xticklabels()]
+    assert labels == ["a\n(n = 2)", "b\n(n = 1)", "nobody\nnot trained"]
+    assert len(finals.containers) == 1  # one mean ± std whisker: only a has two seeds
