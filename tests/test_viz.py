@@ -192,3 +192,24 @@ def test_detr_matching_figures_draw_the_matching():
     ax = detr_viz.plot_matching_flips(record, window=2)
     assert [round(y, 3) for y in ax.lines[1].get_ydata()] == [0.75, 0.5, 0.25, 0.25]
     plt.close("all")
+
+
+def test_the_covariance_sensitive_gt_is_the_one_whose_kept_count_moves_most():
+    from types import SimpleNamespace
+
+    from labkit.viz.assign import most_covariance_sensitive_gt
+
+    def sel(kept_per_gt, candidates):
+        keep = torch.zeros(len(kept_per_gt), 10, dtype=torch.bool)
+        cand = torch.zeros(len(kept_per_gt), 10, dtype=torch.bool)
+        for k, (n, c) in enumerate(zip(kept_per_gt, candidates)):
+            keep[k, :n] = True
+            cand[k, :c] = True
+        return SimpleNamespace(keep=keep, cand_mask=cand)
+
+    # GT 1 moves 3 -> 6, GT 2 moves 2 -> 4 (ties with GT 0's 0 spread broken by spread first)
+    sels = {"full": sel([5, 3, 2], [9, 8, 9]), "tied": sel([5, 6, 4], [9, 8, 9])}
+    assert most_covariance_sensitive_gt(sels) == 1
+    # equal spreads: more candidates wins, then the lower index
+    sels = {"full": sel([1, 1, 1], [4, 7, 7]), "tied": sel([2, 2, 2], [4, 7, 7])}
+    assert most_covariance_sensitive_gt(sels) == 1

@@ -13,8 +13,10 @@ from labkit.detectors.co_detr import CoDETR
 
 __all__ = [
     "OneToOne",
+    "QuerySource",
     "encoder_separability",
     "one_to_one_positives",
+    "positive_queries_by_layer",
     "positives_per_layer",
 ]
 
@@ -142,3 +144,71 @@ def encoder_separability(
     s1, s0 = scores[y_test], scores[~y_test]
     fisher = float((s1.mean() - s0.mean()) ** 2 / (s1.var() + s0.var()).clamp(min=1e-12))
     return {"auc": _auc(scores, y_test), "fisher_ratio": fisher, "maps": maps}
+
+
+@dataclass
+class QuerySource:
+    """The positive queries one source trains, on one image, at every decoder layer.
+
+    Attributes:
+        start: per layer, Tensor[P_l, 4] the positives' reference boxes where decoding starts
+            (xyxy pixels): the encoder proposals for Hungarian, the positive boxes themselves for
+            an auxiliary group.
+        predicted: per layer, Tensor[P_l, 4] what that layer predicts for them (xyxy pixels).
+        targets: per layer, Tensor[P_l, 4] the ground-truth box each one learns (xyxy pixels).
+    """
+
+    start: list[Tensor]
+    predicted: list[Tensor]
+    targets: list[Tensor]
+
+
+@torch.no_grad()
+def positive_queries_by_layer(model: CoDETR, batch: dict) -> list[dict[str, QuerySource]]:
+    """Per image: for the Hungarian matcher and each auxiliary head (``model.aux_heads`` names),
+    which queries are positive at each decoder layer, where they start and what they predict.
+
+    Hungarian positives are re-matched at every layer on that layer's predictions (as the loss
+    does, deep supervision); an auxiliary group is the same set of queries at every layer, with
+    known targets. Runs in eval mode (no dropout), then restores the model's mode.
+    """
+    was_training = model.training
+    model.eval()
+    _, groups = model.loss_and_targets(batch)
+    batch = model.inputs(batch)
+    out = model(batch["img"], batch["padding_mask"])
+    model.train(was_training)
+    metas, gts, labels = batch["img_metas"], batch["gt_bboxes"], batch["gt_labels"]
+    shapes = [tuple(int(v) for v in m["img_shape"][:2]) for m in metas]
+    factors = [gts[0].new_tensor([w, h, w, h]) for h, w in shapes]
+
+    def pixels(boxes: Tensor, i: int) -> Tensor:
+        return (bbox_cxcywh_to_xyxy(boxes) * factors[i]).cpu()
+
+    num_layers = out["all_cls_scores"].shape[0]
+    result: list[dict[str, QuerySource]] = [{} for _ in metas]
+    hungarian = [QuerySource([], [], []) for _ in metas]
+    for layer in range(num_layers):
+        cls, box = out["all_cls_scores"][layer], out["all_bbox_preds"][layer]
+        pred = torch.stack([bbox_cxcywh_to_xyxy(box[i]) * factors[i] for i in range(len(metas))])
+        assigned = model.criterion.assigner.assign_batch(cls, pred, gts, labels, shapes)
+        for i, res in enumerate(assigned):
+            pos = torch.nonzero(res.gt_inds > 0).view(-1)
+            q = pos[torch.argsort(res.gt_inds[pos])]
+            hungarian[i].start.append(pixels(out["references"][0][i, q], i))
+            hungarian[i].predicted.append(pred[i, q].cpu())
+            hungarian[i].targets.append(gts[i][res.gt_inds[q] - 1].cpu())
+    for i in range(len(metas)):
+        result[i]["Hungarian"] = hungarian[i]
+    for k, (_, aux) in enumerate(groups):
+        _, all_box = model.forward_aux(out, aux, k)
+        name = model.aux_heads[k].name
+        for i in range(len(metas)):
+            real = aux.label_weights[i] > 0
+            start, target = pixels(aux.coords[i, real], i), pixels(aux.targets[i, real], i)
+            result[i][name] = QuerySource(
+                [start] * num_layers,
+                [pixels(all_box[layer, i, real], i) for layer in range(num_layers)],
+                [target] * num_layers,
+            )
+    return result

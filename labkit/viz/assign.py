@@ -20,6 +20,7 @@ __all__ = [
     "SIZE_BUCKETS",
     "assignment_explorer",
     "level_of_priors",
+    "most_covariance_sensitive_gt",
     "plot_atss_thresholds",
     "plot_covariance_types",
     "plot_paa_gmm",
@@ -270,22 +271,30 @@ def plot_covariance_types(
     pos_inds: Tensor,
     pos_gt_inds: Tensor,
     num_level_anchors: Sequence[int],
-    gt: int,
+    gt: int | None = None,
     topk: int = 9,
     size: float = 3.0,
 ) -> tuple[Any, dict[str, PAASelection]]:
     """The same GT's GMM fit under ``full``, ``tied``, ``diag`` and ``spherical`` side by side.
+
+    ``gt=None`` picks the GT whose number of kept candidates differs most between the
+    covariance types (:func:`most_covariance_sensitive_gt`), so the panels show a difference
+    when there is one.
 
     Returns:
         ``(figure, {covariance_type: PAASelection})``.
     """
     import matplotlib.pyplot as plt
 
+    selections = {
+        cov: paa_select(pos_losses, pos_inds, pos_gt_inds, num_level_anchors, topk, cov)
+        for cov in COVARIANCE_TYPES
+    }
+    if gt is None:
+        gt = most_covariance_sensitive_gt(selections)
     fig, axes = plt.subplots(1, 4, figsize=(4 * size, size * 0.9), sharey=True)
-    selections = {}
     for ax, cov in zip(axes, COVARIANCE_TYPES, strict=True):
-        sel = paa_select(pos_losses, pos_inds, pos_gt_inds, num_level_anchors, topk, cov)
-        selections[cov] = sel
+        sel = selections[cov]
         kept = int(sel.keep[gt].sum())
         plot_paa_gmm(sel, gt, ax=ax, title=f"{cov}: {kept} kept", legend=False)
         if ax is not axes[0]:
@@ -297,6 +306,17 @@ def plot_covariance_types(
         ncol=4, fontsize=8, frameon=False,
     )  # fmt: skip
     return fig, selections
+
+
+def most_covariance_sensitive_gt(selections: dict[str, PAASelection]) -> int:
+    """The GT whose kept-candidate count varies most across ``selections`` (one
+    ``PAASelection`` per covariance type); ties go to the GT with more candidates, then the
+    lower index."""
+    kept = torch.stack([sel.keep.sum(1) for sel in selections.values()])  # [types, K]
+    candidates = next(iter(selections.values())).cand_mask.sum(1)
+    spread = kept.max(0).values - kept.min(0).values
+    order = sorted(range(len(spread)), key=lambda k: (-int(spread[k]), -int(candidates[k]), k))
+    return order[0]
 
 
 def assignment_explorer(

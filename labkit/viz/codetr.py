@@ -245,3 +245,78 @@ def plot_feature_maps(
         label = "feature norm" + (" (shared scale)" if shared_scale else " (last panel)")
         axes[0].figure.colorbar(im, ax=axes, shrink=0.8, label=label)
     return im
+
+
+SOURCE_LABELS = {"Hungarian": "Hungarian (one-to-one)", "atss": "ATSS head", "faster_rcnn": "Faster R-CNN head"}
+
+
+def plot_query_source(
+    axes: Sequence[Any],
+    img: torch.Tensor,
+    gt_bboxes: torch.Tensor,
+    sources: dict[str, Any],
+    source: str,
+    layer: int,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> None:
+    """Two panels for one image: where ``source``'s positive queries start (left) and what
+    decoder layer ``layer`` predicts for them (right), coloured by the object each one learns.
+
+    ``sources`` is one image's entry of ``lessons.codetr_analysis.positive_queries_by_layer``;
+    ``img: Tensor[3, H, W]`` (cropped to the valid region), ``gt_bboxes: Tensor[K, 4]``.
+    """
+    chosen = sources[source]
+    counts = {name: len(s.start[layer]) for name, s in sources.items()}
+    label = SOURCE_LABELS.get(source, source)
+    draw_positives(axes[0], img, gt_bboxes, chosen.start[layer], chosen.targets[layer], mean=mean,
+                   std=std, title=f"{label}: {counts[source]} positive queries start here")  # fmt: skip
+    draw_positives(axes[1], img, gt_bboxes, chosen.predicted[layer], chosen.targets[layer],
+                   mean=mean, std=std, title=f"... and decoder layer {layer} predicts")  # fmt: skip
+    total = " + ".join(f"{counts[n]} {SOURCE_LABELS.get(n, n)}" for n in sources)
+    axes[0].figure.suptitle(
+        f"layer {layer} trains {sum(counts.values())} positive queries on this image: {total}",
+        fontsize=10,
+    )
+
+
+def positive_query_explorer(
+    batch_img: torch.Tensor,
+    batch_gts: Sequence[torch.Tensor],
+    image_shapes: Sequence[tuple[int, int]],
+    by_layer: Sequence[dict[str, Any]],
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> None:
+    """Explorer: pick an image, a source of positive queries (Hungarian or an auxiliary head)
+    and a decoder layer; see which queries are positive, where they start and what they predict.
+
+    ``batch_img: Tensor[B, 3, H, W]``, ``batch_gts``: per image ``Tensor[K_i, 4]``,
+    ``image_shapes``: per image ``(h, w)``, ``by_layer``: ``positive_queries_by_layer``'s list.
+    """
+    import matplotlib.pyplot as plt
+
+    from labkit.notebook import explorer
+
+    sources = list(by_layer[0])
+    num_layers = len(by_layer[0][sources[0]].start)
+
+    def draw(image: int, source: str, layer: int) -> None:
+        h, w = image_shapes[image]
+        fig, axes = plt.subplots(1, 2, figsize=(10, 5))
+        plot_query_source(axes, batch_img[image][:, :h, :w], batch_gts[image], by_layer[image],
+                          source, layer, mean=mean, std=std)  # fmt: skip
+        fig.tight_layout()
+        plt.show()
+
+    defaults = {"image": 0, "source": sources[-1], "layer": num_layers - 1}
+    explorer(
+        draw,
+        defaults,
+        lambda widgets: {
+            "image": widgets.IntSlider(value=0, min=0, max=len(by_layer) - 1, description="image"),
+            "source": widgets.Dropdown(options=sources, value=sources[-1], description="source"),
+            "layer": widgets.IntSlider(value=num_layers - 1, min=0, max=num_layers - 1,
+                                       description="layer"),  # fmt: skip
+        },
+    )
