@@ -377,3 +377,31 @@ def test_real_notebook_01_solution_passes_and_student_copy_fails(tmp_path):
     assert rows[2].startswith("student,") and rows[2].endswith(f",0,{max_points:g},ok")
     feedback = (tmp_path / "feedback" / "student.md").read_text()
     assert "NotImplementedError" in feedback and "Exercise 1" in feedback
+
+
+@pytest.mark.slow
+def test_every_lesson_grades_solution_full_and_student_copy_zero(tmp_path):
+    """All six notebooks, end to end: the instructor's solution earns every point of every
+    exercise and the untouched student copy earns none (in the sandbox, checks from outside)."""
+    from labkit.grading.grade import grade_submissions
+    from labkit.run_notebooks import discover
+
+    sources = discover(NOTEBOOKS)
+    build_assignments(sources, tmp_path / "build")
+    for path in sources:
+        for who, copy in (("solution", "instructor"), ("student", "student")):
+            built = json.loads((tmp_path / "build" / copy / path.name).read_text())
+            write(tmp_path / "subs" / who / path.name, built)
+    grades = grade_submissions(
+        tmp_path / "subs", sources, tmp_path / "grades.csv", jobs=2, cell_timeout=300,
+        total_timeout=900,
+    )  # fmt: skip
+    by_student = {g.student: g for g in grades}
+    for notebook in by_student["solution"].notebooks:
+        assert notebook.status == "ok", (notebook.notebook, notebook.notes)
+        assert len(notebook.exercises) >= 3, notebook.notebook
+        lost = [(e.id, e.points, e.max_points) for e in notebook.exercises if e.points != e.max_points]
+        assert not lost, f"{notebook.notebook}: the solution lost points: {lost} {notebook.notes}"
+    for notebook in by_student["student"].notebooks:
+        assert notebook.points == 0 and notebook.max_points > 0, notebook.notebook
+    assert len(by_student["solution"].notebooks) == len(sources) == 6

@@ -850,6 +850,10 @@ def grade_submissions(
     students = _students(sub_dir)
     tasks = [(s, p) for s in students for p, _ in sources]
     found = probe()
+    if found.mode != "unsandboxed":
+        from labkit.data.shapes import make_shapes
+
+        make_shapes()  # the sandbox sees the data folder read-only: generate the lessons' data now
     feedback.mkdir(parents=True, exist_ok=True)  # hidden from the start, like the CSV's folder
     hide = [sub_dir, out_csv.parent, feedback, *(p.parent for p, _ in sources)]
     sandbox = Sandbox(found.mode, found.reason, hidden_paths(hide))

@@ -88,12 +88,22 @@ def _under(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
+def shared_data() -> dict[str, Path]:
+    """The public data lessons read, shared read-only with every sandbox: ``LABKIT_DATA`` (the
+    generated datasets) and ``LABKIT_ZOO`` (the trained zoo models), as resolved here. Inside,
+    the checkout around them may be hidden, so the sandbox gets them by these variables."""
+    from labkit.data.paths import data_root
+    from labkit.zoo import zoo_dir
+
+    return {"LABKIT_DATA": data_root().resolve(), "LABKIT_ZOO": zoo_dir().resolve()}
+
+
 def _rebound() -> list[str]:
-    """What Python needs that lives under ``/tmp`` (the interpreter, a venv, the labkit package
-    of a checkout there): bound back read-only over the sandbox's empty ``/tmp``, so a grader
-    run from a clone in ``/tmp`` still works. Only those folders come back, not the checkout
-    around them (its notebooks hold hidden tests)."""
-    paths = [str(p) for p in _needed()]
+    """What lessons need that lives under ``/tmp`` (the interpreter, a venv, the labkit package
+    of a checkout there, its data and zoo folders): bound back read-only over the sandbox's empty
+    ``/tmp``, so a grader run from a clone in ``/tmp`` still works. Only those folders come back,
+    not the checkout around them (its notebooks hold hidden tests)."""
+    paths = [str(p) for p in [*_needed(), *shared_data().values()]]
     out: list[str] = []
     for p in paths:
         if os.path.exists(p) and _under(p, "/tmp") and p not in out:
@@ -165,6 +175,7 @@ def hidden_paths(paths: Sequence[str | os.PathLike]) -> list[str]:
 def sandbox_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """A minimal environment: nothing of the grader's shell beyond what Python needs."""
     env = {k: os.environ[k] for k in _ENV_KEEP if k in os.environ}
+    env.update({k: str(v) for k, v in shared_data().items() if v.is_dir()})
     env.update(
         TMPDIR="/tmp",
         JUPYTER_RUNTIME_DIR="/tmp/jupyter-runtime",
