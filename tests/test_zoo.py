@@ -186,3 +186,14 @@ def test_labkit_eval_on_a_zoo_file_reproduces_the_listed_ap(row, tmp_path, capsy
     assert main(["eval", "--checkpoint", str(path), "--no-progress", "--output", str(out)]) == 0
     metrics = json.loads(out.read_text())
     assert round(metrics["AP"], 4) == row["AP"] and round(metrics["AP50"], 4) == row["AP50"]
+
+
+def test_metrics_beyond_ap_come_from_the_coco_table(tmp_path):
+    row = {"name": "atss", "seed": 0, "AP": 0.3, "file": "atss-seed0.pth"}
+    (tmp_path / "atss-seed0.coco.txt").write_text(
+        "    AP    AP50    AP75     APs\n 0.301   0.500   0.290   0.100\n\nclass  AP\n"
+    )
+    assert zoo.row_metric(row, "AP", tmp_path) == 0.3  # the manifest's own field first
+    assert zoo.row_metric(row, "AP75", tmp_path) == 0.29
+    with pytest.raises(ValueError, match="metric: 'APxl'"):
+        zoo.row_metric(row, "APxl", tmp_path)

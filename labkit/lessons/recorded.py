@@ -152,5 +152,5 @@ LESSON_CLAIMS: tuple[LessonClaim, ...] = ()
 
 def mean_of(name: str, metric: str = "AP", root=None) -> float | None:
     """The mean of ``metric`` over the recorded seeds of ``name`` (``None`` when untrained)."""
-    values = [float(r[metric]) for r in zoo.manifest(root) if r["name"] == name]
+    values = [zoo.row_metric(r, metric, root) for r in zoo.manifest(root) if r["name"] == name]
     return statistics.fmean(values) if values else None

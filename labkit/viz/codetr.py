@@ -306,7 +306,7 @@ def positive_query_explorer(
         fig, axes = plt.subplots(1, 2, figsize=(10, 5))
         plot_query_source(axes, batch_img[image][:, :h, :w], batch_gts[image], by_layer[image],
                           source, layer, mean=mean, std=std)  # fmt: skip
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 1, 0.93))  # room for the suptitle
         plt.show()
 
     defaults = {"image": 0, "source": sources[-1], "layer": num_layers - 1}

@@ -57,7 +57,7 @@ def plot_pipeline(
     class_names: Sequence[str] | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
-    max_boxes_before_nms: int = 300,
+    max_boxes_before_nms: int = 100,
 ) -> Any:
     """Draw ``trace`` as a data-flow figure: top row image (with ground truth), backbone stages,
     FPN levels and the head's per-location best class probability; bottom row, for training,
@@ -113,12 +113,13 @@ def plot_pipeline(
     ax = bottom[1]
     keys = list(trace.losses)
     ax.barh(range(len(keys)), [trace.losses[k] for k in keys], color=[class_color(i) for i in range(len(keys))])
-    ax.set_yticks(range(len(keys)), keys, fontsize=8)
+    ax.set_yticks(range(len(keys)), [k.removeprefix("loss_") for k in keys], fontsize=8)
     ax.invert_yaxis()
     for i, k in enumerate(keys):
         ax.text(trace.losses[k], i, f" {trace.losses[k]:.3f}", va="center", fontsize=8)
     ax.set_xlim(0, max(trace.losses.values()) * 1.35)
-    ax.set_title(f"loss: {sum(trace.losses.values()):.3f} in total (backpropagated)", fontsize=9)
+    ax.set_title(f"loss {sum(trace.losses.values()):.3f}: classes on every anchor,\nboxes on the "
+                 "positives", fontsize=9)  # fmt: skip
     ax.spines[["top", "right"]].set_visible(False)
 
     # Inference: decode every kept prediction, then NMS.
@@ -128,7 +129,7 @@ def plot_pipeline(
                     title=f"decode: {len(before['boxes'])} boxes above the score threshold"
                     f"\n(the {len(order)} best drawn)")  # fmt: skip
     ax.title.set_fontsize(9)
-    draw_boxes(ax, before["boxes"][order], color="yellow", linewidth=0.5, alpha=0.5)
+    draw_boxes(ax, before["boxes"][order], color="yellow", linewidth=0.5, alpha=0.4)
     after = trace.after_nms
     keep = after["scores"] >= 0.3
     ax = show_image(trace.img, ax=bottom[3], mean=mean, std=std,
