@@ -2,6 +2,7 @@
 
     labkit zoo list                      # name, seed, AP, AP50, training minutes, device, sha256
     labkit zoo train atss --seed 0       # reproduce (or resume) one entry from its seed
+    labkit zoo compare atss retinanet    # mean ± std over seeds; is the difference beyond noise?
     model = labkit.zoo.load("atss", seed=0)   # verifies the hash, returns the model in eval mode
 
 Every entry (:data:`ZOO`) is a plain ``labkit train`` command line: a recipe, its model
@@ -407,6 +408,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from labkit.lessons import recorded
+
+    unknown = sorted(set(args.names) - set(ZOO))
+    if unknown:
+        raise SystemExit(f"labkit zoo compare: unknown zoo names {unknown}; choose from {sorted(ZOO)}")
+    print(recorded.seed_table(args.names, tuple(args.metric)))
+    print()
+    first = args.names[0]
+    for other in args.names[1:]:
+        print(recorded.claim(first, other, args.metric[0]).sentence)
+    return 0
+
+
 def register(subparsers: Any) -> None:
     """Add ``labkit zoo list`` and ``labkit zoo train`` to the ``labkit`` command."""
     zoo = subparsers.add_parser("zoo", help="list, train or verify the lessons' trained models")
@@ -420,3 +435,9 @@ def register(subparsers: Any) -> None:
     train.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: auto)")
     train.add_argument("--work-root", default="work_dirs/zoo")
     train.set_defaults(func=_cmd_train)
+    comp = sub.add_parser(
+        "compare", help="mean ± std over seeds, and what the first name's difference supports"
+    )
+    comp.add_argument("names", nargs="+", help="zoo names; the first is compared with each other")
+    comp.add_argument("--metric", nargs="+", default=["AP", "AP50"], help="COCO metrics (first: the claim)")
+    comp.set_defaults(func=_cmd_compare)

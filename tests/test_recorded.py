@@ -79,3 +79,17 @@ def test_comparison_figure_has_a_line_per_seed_and_a_whisker(tmp_path):
     labels = [t.get_text() for t in finals.get_xticklabels()]
     assert labels == ["a\n(n = 2)", "b\n(n = 1)", "nobody\nnot trained"]
     assert len(finals.containers) == 1  # one mean ± std whisker: only a has two seeds
+
+
+def test_zoo_compare_command_prints_the_table_and_the_verdicts(tmp_path, monkeypatch, capsys):
+    from labkit.cli import main
+
+    root = _zoo(tmp_path, {"atss": [0.29, 0.30, 0.31], "retinanet": [0.24, 0.25, 0.26]})
+    monkeypatch.setenv("LABKIT_ZOO", str(root))
+    assert main(["zoo", "compare", "atss", "retinanet", "paa"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split()[:2] == ["atss", "3"] and out[3].split()[:2] == ["paa", "0"]
+    assert out[5].startswith("atss is above retinanet; AP 0.300 vs 0.250")
+    assert out[6].startswith("atss vs paa: 3 and 0 recorded seed(s)")
+    with pytest.raises(SystemExit, match="unknown zoo names"):
+        main(["zoo", "compare", "atss", "nope"])
