@@ -29,6 +29,7 @@ LAYERS = {
     "labkit.recipes": 8,
     "labkit.lessons": 9,
     "labkit.viz": 9,
+    "labkit.convert": 9,
     "labkit.zoo": 9,
     "labkit.engine.cli": 10,
     "labkit.run_notebooks": 10,

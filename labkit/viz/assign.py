@@ -299,6 +299,8 @@ def plot_covariance_types(
         plot_paa_gmm(sel, gt, ax=ax, title=f"{cov}: {kept} kept", legend=False)
         if ax is not axes[0]:
             ax.set_ylabel("")
+    fig.suptitle(f"GT {gt}: {int(selections['diag'].cand_mask[gt].sum())} candidates, fitted with "
+                 "each covariance type", fontsize=10)  # fmt: skip
     fig.tight_layout()
     # One legend for the four panels, under them, at a readable size.
     fig.legend(

@@ -1,0 +1,251 @@
+"""Write the mmdetection conformance fixtures of ``labkit.convert.from_mmdet`` (not run in CI).
+
+For each recipe, build mmdetection 3.3.0's own model from its shipped config (num_classes 3,
+no pretrained init), fill it with ``labkit.convert.seeded_state_dict`` weights (from key
+names, shapes and a seed), run eval-mode inference on a seeded 1x3x96x128 input and save,
+in ``tests/fixtures/mmdet/<recipe>.pt`` (read with ``torch.load(weights_only=True)``):
+key names and shapes (never the weights), the seeds, the input shape, the raw head outputs
+per level, the final detections of mmdetection's own post-processing (its ``test_cfg`` is
+stored too), the config and the mmdet / mmengine / mmcv / torch versions.
+``tests/test_convert_mmdet.py`` rebuilds the weights, converts them and compares.
+
+Run it in a throwaway environment, never in labkit's own (``.venv`` is reused for torch):
+
+    /work/main/.venv/bin/python -m venv --system-site-packages /tmp/mmdet-venv
+    /tmp/mmdet-venv/bin/pip install mmengine==0.10.7 mmdet==3.3.0 "mmcv-lite==2.1.0"
+    echo "$PWD/.venv/lib/python3.11/site-packages" \\
+        > /tmp/mmdet-venv/lib/python3.11/site-packages/zz_labkit_venv.pth
+    OMP_NUM_THREADS=1 /tmp/mmdet-venv/bin/python -m benchmarks.mmdet_fixtures [RECIPE ...]
+
+(the ``.pth`` line puts labkit's torch/torchvision after the throwaway venv's own packages).
+
+Stubs. ``mmcv-lite`` is mmcv without its compiled extension ``mmcv._ext``; every
+``mmcv.ops`` module asserts at import time that the functions it needs exist there. This
+script registers a stand-in ``mmcv._ext`` module before importing mmdet, so all of mmcv's and
+mmdet's Python code is the real one, and only these compiled kernels are replaced:
+
+- ``mmcv._ext.nms(boxes, scores, iou_threshold, offset)``: ``torchvision.ops.nms`` (offset 0
+  only; indices sorted by decreasing score, as mmcv's kernel); mmcv's own ``nms`` /
+  ``batched_nms`` wrappers (class offsets, ``split_thr``) run unchanged on top of it;
+- ``mmcv._ext.roi_align_forward(...)``: ``torchvision.ops.roi_align`` written into mmcv's
+  output buffer (``pool_mode`` avg only, ``aligned`` and ``sampling_ratio`` passed through;
+  mmcv's and torchvision's kernels are the same detectron2 algorithm);
+- every other ``mmcv._ext`` name: a placeholder that raises ``NotImplementedError`` if called;
+  the script fails if any placeholder ran (none of these models' inference calls one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+from pathlib import Path
+
+import torch
+import torchvision
+
+from labkit.convert import seeded_state_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "tests" / "fixtures" / "mmdet"
+SEED = 0
+INPUT_SEED = 1
+INPUT_SHAPE = (1, 3, 96, 128)
+NUM_CLASSES = 3
+
+# recipe -> (mmdetection config under mmdet/.mim/configs, labkit from_mmdet kwargs)
+CASES = {
+    "retinanet": ("retinanet/retinanet_r50_fpn_1x_coco.py", {}),
+    "atss": ("atss/atss_r50_fpn_1x_coco.py", {}),
+    # the pytorch-style ResNet FCOS; the 1x "tricks" config has a caffe-style ResNet
+    "fcos": (
+        "fcos/fcos_r50_fpn_gn-head-center-normbbox-centeronreg-giou_8xb8-amp-lsj-200e_coco.py",
+        {"norm_on_bbox": True, "centerness_on_reg": True, "center_sampling": True},
+    ),
+    "paa": ("paa/paa_r50_fpn_1x_coco.py", {}),
+    "foveabox": ("foveabox/fovea_r50_fpn_4xb4-1x_coco.py", {}),
+    "fsaf": ("fsaf/fsaf_r50_fpn_1x_coco.py", {}),
+    "faster_rcnn": ("faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py", {}),
+}
+
+PLACEHOLDER_CALLS: list[str] = []
+
+
+def _ext_nms(boxes, scores, iou_threshold, offset=0):
+    if offset != 0:
+        raise NotImplementedError("stub mmcv._ext.nms: offset=1 (legacy boxes) not supported")
+    return torchvision.ops.nms(boxes, scores, float(iou_threshold))
+
+
+def _ext_roi_align_forward(
+    input, rois, output, argmax_y, argmax_x, *, aligned_height, aligned_width,
+    spatial_scale, sampling_ratio, pool_mode, aligned,
+):  # fmt: skip
+    if pool_mode != 1:
+        raise NotImplementedError("stub mmcv._ext.roi_align_forward: only pool_mode='avg'")
+    output.copy_(
+        torchvision.ops.roi_align(
+            input,
+            rois,
+            (aligned_height, aligned_width),
+            spatial_scale=spatial_scale,
+            sampling_ratio=sampling_ratio,
+            aligned=aligned,
+        )
+    )
+
+
+def install_mmcv_ext_stub() -> None:
+    """Register the stand-in ``mmcv._ext`` (see the module docstring) before mmdet is imported."""
+    ext = types.ModuleType("mmcv._ext")
+    ext.nms = _ext_nms
+    ext.roi_align_forward = _ext_roi_align_forward
+
+    def placeholder(name: str):
+        def call(*args, **kwargs):
+            PLACEHOLDER_CALLS.append(name)
+            raise NotImplementedError(f"mmcv._ext.{name} is a placeholder in this script")
+
+        return call
+
+    def __getattr__(name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return placeholder(name)
+
+    ext.__getattr__ = __getattr__
+    sys.modules["mmcv._ext"] = ext
+
+
+def build_mmdet(config: str):
+    """mmdetection's model for ``config`` with 3 classes and no pretrained init, eval mode."""
+    import mmdet
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    from mmengine.config import Config
+
+    register_all_modules()
+    cfg = Config.fromfile(str(Path(mmdet.__file__).parent / ".mim" / "configs" / config))
+    cfg.model.backbone.init_cfg = None
+    if "roi_head" in cfg.model:
+        cfg.model.roi_head.bbox_head.num_classes = NUM_CLASSES
+    else:
+        cfg.model.bbox_head.num_classes = NUM_CLASSES
+    return MODELS.build(cfg.model).eval(), cfg
+
+
+def _floats(tensors) -> list[torch.Tensor]:
+    return [t.detach().float().clone() for t in tensors]
+
+
+def _instances(inst) -> dict:
+    return {
+        "boxes": inst.bboxes.float().clone(),
+        "scores": inst.scores.float().clone(),
+        "labels": inst.labels.clone(),
+    }
+
+
+def run_case(recipe: str) -> dict:
+    """Build, fill, run mmdetection's ``recipe`` model; the fixture dict."""
+    import mmcv
+    import mmdet
+    import mmengine
+    from mmdet.structures import DetDataSample
+    from mmdet.structures.bbox import bbox2roi
+
+    config, kwargs = CASES[recipe]
+    model, cfg = build_mmdet(config)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    model.load_state_dict(seeded_state_dict(shapes, SEED), strict=True)
+
+    x = torch.randn(INPUT_SHAPE, generator=torch.Generator().manual_seed(INPUT_SEED))
+    h, w = INPUT_SHAPE[-2:]
+    img_meta = {
+        "img_shape": (h, w),
+        "ori_shape": (h, w),
+        "pad_shape": (h, w),
+        "batch_input_shape": (h, w),
+        "scale_factor": (1.0, 1.0),
+    }
+    sample = DetDataSample(metainfo=img_meta)
+    fixture = {
+        "recipe": recipe,
+        "from_mmdet_kwargs": kwargs,
+        "mmdet_config": config,
+        "model_cfg": cfg.model.pretty_text if hasattr(cfg.model, "pretty_text") else str(cfg.model),
+        "versions": {
+            "mmdet": str(mmdet.__version__),
+            "mmengine": str(mmengine.__version__),
+            "mmcv": str(mmcv.__version__),
+            "torch": str(torch.__version__),
+            "torchvision": str(torchvision.__version__),
+        },
+        "stubs": [
+            "mmcv._ext.nms -> torchvision.ops.nms",
+            "mmcv._ext.roi_align_forward -> torchvision.ops.roi_align",
+            "other mmcv._ext names: raising placeholders",
+        ],
+        "seed": SEED,
+        "keys": list(shapes),
+        "shapes": [list(s) for s in shapes.values()],
+        "input_seed": INPUT_SEED,
+        "input_shape": list(INPUT_SHAPE),
+        "img_meta": {k: list(v) for k, v in img_meta.items()},
+        "test_cfg": cfg.model.test_cfg.to_dict(),
+    }
+    with torch.no_grad():
+        feats = model.extract_feat(x)
+        if recipe == "faster_rcnn":
+            rpn_cls, rpn_reg = model.rpn_head(feats)
+            proposals = model.rpn_head.predict_by_feat(
+                rpn_cls, rpn_reg, batch_img_metas=[img_meta], cfg=model.test_cfg.rpn, rescale=False
+            )[0]
+            rois = bbox2roi([proposals.bboxes])
+            roi = model.roi_head._bbox_forward(feats, rois)
+            fixture["outputs"] = {
+                "rpn_cls_scores": _floats(rpn_cls),
+                "rpn_bbox_preds": _floats(rpn_reg),
+            }
+            fixture["proposals"] = {
+                "boxes": proposals.bboxes.float().clone(),
+                "scores": proposals.scores.float().clone(),
+            }
+            fixture["roi_outputs"] = {
+                "cls_score": roi["cls_score"].float().clone(),
+                "bbox_pred": roi["bbox_pred"].float().clone(),
+            }
+        else:
+            outs = model.bbox_head(feats)
+            names = ["cls_scores", "bbox_preds", "centernesses"][: len(outs)]
+            fixture["outputs"] = {n: _floats(o) for n, o in zip(names, outs, strict=True)}
+        result = model.predict(x, [sample], rescale=True)[0]
+    fixture["detections"] = _instances(result.pred_instances)
+    return fixture
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipes", nargs="*", help=f"some of {list(CASES)} (default: all)")
+    args = parser.parse_args(argv)
+    unknown = set(args.recipes) - set(CASES)
+    if unknown:
+        parser.error(f"unknown recipes {sorted(unknown)}; choose from {list(CASES)}")
+    install_mmcv_ext_stub()
+    OUT.mkdir(parents=True, exist_ok=True)
+    for recipe in args.recipes or list(CASES):
+        fixture = run_case(recipe)
+        if PLACEHOLDER_CALLS:
+            raise SystemExit(f"{recipe}: stubbed mmcv ops were called: {PLACEHOLDER_CALLS}")
+        path = OUT / f"{recipe}.pt"
+        torch.save(fixture, path)
+        det = fixture["detections"]
+        print(
+            f"{recipe}: {len(fixture['keys'])} keys, {det['boxes'].shape[0]} detections, "
+            f"score range {det['scores'].min():.3f}-{det['scores'].max():.3f}, "
+            f"{path.stat().st_size / 1024:.0f} KB -> {path.relative_to(ROOT)}"
+        )
+
+
+if __name__ == "__main__":
+    main()

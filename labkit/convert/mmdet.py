@@ -1,0 +1,229 @@
+"""Load an mmdetection 3.x checkpoint into the labkit recipe that computes the same function.
+
+    model = from_mmdet("retinanet_r50_fpn_1x_coco.pth", "retinanet")   # eval mode
+
+Every mmdetection key goes through the explicit map of ``labkit.convert.mmdet_keys`` to
+exactly one labkit key of the same shape; anything left over on either side is an error
+that lists the keys. What a state dict cannot show is checked from the checkpoint's
+``meta`` config text when it is there (a caffe-style ResNet, FCOS's ``norm_on_bbox`` /
+``centerness_on_reg``), since those change the computed function without changing a key.
+
+Inputs: a converted model expects what mmdetection's pytorch-style configs feed: RGB images
+normalised with ImageNet's mean and std (``labkit.data.transforms.Normalize``'s defaults).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from labkit.convert.mmdet_keys import MMDET_RECIPES, RESNET_LAYOUTS, mmdet_key_map
+from labkit.recipes import RECIPES, build_model
+
+__all__ = ["from_mmdet", "load_mmdet_state"]
+
+# recipe -> (mmdetection classifier weight, outputs per class, extra outputs)
+_CLASSIFIERS = {
+    "retinanet": ("bbox_head.retina_cls.weight", 9, 0),
+    "atss": ("bbox_head.atss_cls.weight", 1, 0),
+    "fcos": ("bbox_head.conv_cls.weight", 1, 0),
+    "paa": ("bbox_head.atss_cls.weight", 1, 0),
+    "foveabox": ("bbox_head.conv_cls.weight", 1, 0),
+    "fsaf": ("bbox_head.retina_cls.weight", 1, 0),
+    "faster_rcnn": ("roi_head.bbox_head.fc_cls.weight", 1, 1),  # + background
+}
+# Keys that name a feature labkit does not have, and what it is.
+_UNSUPPORTED = {
+    "conv_offset": "deformable convolutions (DCN)",
+    "ema_": "an EMA copy of the weights (load the model's own keys only)",
+    "data_preprocessor.": "a data preprocessor with parameters",
+}
+_LIST = 20  # keys shown per problem
+
+
+def load_mmdet_state(checkpoint: str | os.PathLike | Mapping) -> tuple[dict[str, Tensor], dict]:
+    """``(state_dict, meta)`` of an mmdetection checkpoint: a file path (read with
+    ``torch.load(weights_only=True)``), a ``{"meta": ..., "state_dict": ...}`` dict or a
+    plain state dict ``{key: Tensor}`` (``meta`` is then ``{}``)."""
+    if isinstance(checkpoint, str | os.PathLike):
+        path = os.fspath(checkpoint)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint: no file at {path!r}")
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # pickled objects beyond tensors (optimizer, message hub)
+            raise ValueError(
+                f"checkpoint: torch.load(weights_only=True) refused {path!r} ({err}); a full "
+                f"training checkpoint holds more than weights: save its 'state_dict' (and "
+                f"'meta') alone and pass that file"
+            ) from err
+    if not isinstance(checkpoint, Mapping):
+        raise TypeError(f"checkpoint: expected a path or a dict, got {type(checkpoint).__name__}")
+    meta = {}
+    if "state_dict" in checkpoint:
+        meta = checkpoint.get("meta") or {}
+        checkpoint = checkpoint["state_dict"]
+    state = dict(checkpoint)
+    wrong = [k for k, v in state.items() if not isinstance(v, Tensor)]
+    if wrong:
+        raise TypeError(f"checkpoint: expected tensors, got other values for {wrong[:_LIST]}")
+    if not state:
+        raise ValueError("checkpoint: the state dict is empty")
+    return state, dict(meta) if isinstance(meta, Mapping) else {}
+
+
+def _infer_backbone(state: Mapping[str, Tensor]) -> str:
+    """``"resnet18" | "resnet34" | "resnet50" | "resnet101"`` from the block count of layer3."""
+    blocks = {int(m.group(1)) for k in state if (m := re.match(r"backbone\.layer3\.(\d+)\.", k))}
+    kind = "bottleneck" if "backbone.layer1.0.conv3.weight" in state else "basic"
+    for depth, (layout_kind, layout) in RESNET_LAYOUTS.items():
+        if kind == layout_kind and len(blocks) == layout[2]:
+            return f"resnet{depth}"
+    raise ValueError(
+        f"checkpoint: backbone is not a ResNet-18/34/50/101 ({kind} blocks, "
+        f"{len(blocks)} in layer3); labkit has no other mmdetection backbone"
+    )
+
+
+def _infer_num_classes(state: Mapping[str, Tensor], recipe: str) -> int:
+    key, per_class, extra = _CLASSIFIERS[recipe]
+    if key not in state:
+        raise ValueError(f"checkpoint: no {key!r}, so not an mmdetection {recipe} checkpoint")
+    outputs = state[key].shape[0] - extra
+    if outputs < per_class or outputs % per_class:
+        raise ValueError(
+            f"checkpoint: {key} has {state[key].shape[0]} outputs, expected "
+            f"{per_class} x num_classes + {extra}"
+        )
+    return outputs // per_class
+
+
+def _recipe_value(recipe: str, kwargs: Mapping, name: str) -> object:
+    if name in kwargs:
+        return kwargs[name]
+    return inspect.signature(RECIPES[recipe].build).parameters[name].default
+
+
+def _check_config(meta: Mapping, recipe: str, kwargs: Mapping) -> None:
+    """Refuse what the keys cannot show but the checkpoint's config text does."""
+    text = meta.get("cfg") or meta.get("config")
+    if not isinstance(text, str):
+        return
+    if re.search(r"style\s*=\s*['\"]caffe['\"]", text):
+        raise ValueError(
+            "checkpoint: its config uses a caffe-style ResNet (stride 2 on each stage's first "
+            "1x1 conv, BGR input without std); labkit's ResNet is pytorch-style (stride on the "
+            "3x3 conv), so the same weights would compute a different function"
+        )
+    if recipe == "fcos" and "FCOSHead" in text:
+        for name in ("norm_on_bbox", "centerness_on_reg"):
+            found = re.search(rf"{name}\s*=\s*(True|False)", text)
+            in_config = found is not None and found.group(1) == "True"  # FCOSHead's default
+            if _recipe_value(recipe, kwargs, name) != in_config:
+                raise ValueError(
+                    f"{name}: the checkpoint's config has {name}={in_config}; pass "
+                    f"{name}={in_config} to from_mmdet"
+                )
+
+
+def _hint(recipe: str, keys: list[str]) -> str:
+    notes = [why for part, why in _UNSUPPORTED.items() if any(part in k for k in keys)]
+    if recipe == "fcos" and any(re.search(r"_convs\.\d+\.0\.bias$", k) for k in keys):
+        notes.append(
+            "labkit's fcos recipe has conv_bias=True towers (mmdetection's "
+            "'center-normbbox-centeronreg-giou' configs); a plain gn-head FCOS has none"
+        )
+    return f" ({'; '.join(notes)})" if notes else ""
+
+
+def _listed(what: str, keys: list[str]) -> str:
+    shown = ", ".join(keys[:_LIST]) + (
+        f", ... {len(keys) - _LIST} more" if len(keys) > _LIST else ""
+    )
+    return f"{len(keys)} {what.replace('keys', 'key') if len(keys) == 1 else what}: {shown}"
+
+
+def _convert(
+    state: Mapping[str, Tensor], own: Mapping[str, Tensor], key_map: Mapping[str, str], recipe: str
+) -> dict[str, Tensor]:
+    """``state`` renamed through ``key_map`` onto ``own``'s keys; every problem raises at once."""
+    unmapped = [k for k in state if k not in key_map]
+    renamed = {key_map[k]: k for k in state if k in key_map}
+    no_target = [f"{mm} -> {lk}" for lk, mm in renamed.items() if lk not in own]
+    source = {lk: mm for mm, lk in key_map.items()}
+    unfilled = [f"{k} (mmdet {source[k]})" if k in source else k for k in own if k not in renamed]
+    shapes = [
+        f"{mm} {tuple(state[mm].shape)} -> {lk} {tuple(own[lk].shape)}"
+        for lk, mm in renamed.items()
+        if lk in own and state[mm].shape != own[lk].shape
+    ]
+    problems = []
+    if unmapped:
+        problems.append(_listed("keys not mapped", unmapped) + _hint(recipe, unmapped))
+    if no_target:
+        problems.append(_listed("keys mapped to no labkit key", no_target))
+    if unfilled:
+        problems.append(_listed("labkit keys left unfilled", unfilled) + _hint(recipe, unfilled))
+    if shapes:
+        problems.append(_listed("keys of another shape", shapes))
+    if problems:
+        raise ValueError(f"checkpoint: {'; '.join(problems)}")
+    return {lk: state[mm].to(own[lk].dtype) for lk, mm in renamed.items()}
+
+
+def _tower_convs(model: nn.Module) -> int:
+    tower = getattr(model.head, "cls_convs", None)
+    return 0 if tower is None else sum(isinstance(m, nn.Conv2d) for m in tower.modules())
+
+
+def from_mmdet(
+    checkpoint: str | os.PathLike | Mapping, recipe: str, **recipe_kwargs: object
+) -> nn.Module:
+    """Build labkit recipe ``recipe`` and load an mmdetection 3.x checkpoint into it.
+
+    Args:
+        checkpoint: a path to an mmdetection ``.pth`` (``{"meta": ..., "state_dict": ...}``),
+            such a dict, or a bare state dict ``{key: Tensor}``.
+        recipe: ``"retinanet"``, ``"atss"``, ``"fcos"``, ``"paa"``, ``"foveabox"``, ``"fsaf"``
+            or ``"faster_rcnn"`` (ResNet + FPN; not ``"reppoints"``: deformable convs).
+        **recipe_kwargs: passed to ``labkit.recipes.build_model``. ``num_classes`` comes from
+            the classifier's shape (``retina_cls``: ``9 * C`` outputs, ``fc_cls``: ``C + 1``)
+            and ``backbone`` from the ResNet's depth unless given. For FCOS, ``norm_on_bbox``
+            and ``centerness_on_reg`` must match the mmdetection config (labkit's defaults are
+            the "center-normbbox-centeronreg-giou" configs; ``center_sampling`` and the GIoU
+            loss only matter for training).
+
+    Returns:
+        The labkit model in eval mode, e.g. a ``SingleStageDetector`` whose ``forward(img:
+        Tensor[B, 3, H, W])`` gives mmdetection's head outputs per level.
+
+    Raises:
+        ValueError: naming the argument, when a key is not mapped, a labkit key is left
+            unfilled, a shape differs, or the config shows a function labkit cannot compute
+            (caffe-style ResNet, deformable convs, a different FCOS setting).
+    """
+    if recipe not in MMDET_RECIPES:
+        raise ValueError(f"recipe: no mmdetection conversion for {recipe!r}; have {MMDET_RECIPES}")
+    state, meta = load_mmdet_state(checkpoint)
+    num_classes = _infer_num_classes(state, recipe)
+    given = recipe_kwargs.pop("num_classes", num_classes)
+    if given != num_classes:
+        raise ValueError(
+            f"num_classes: the checkpoint's classifier has {num_classes} classes, got {given}"
+        )
+    _check_config(meta, recipe, recipe_kwargs)
+    recipe_kwargs.setdefault("backbone", _infer_backbone(state))
+    model = build_model(recipe, num_classes, **recipe_kwargs)
+    depth = getattr(model.backbone, "depth", None)
+    if depth is None:
+        raise ValueError(
+            f"backbone: mmdetection checkpoints hold ResNets, got {recipe_kwargs['backbone']!r}"
+        )
+    key_map = mmdet_key_map(recipe, depth=depth, stacked_convs=_tower_convs(model))
+    model.load_state_dict(_convert(state, model.state_dict(), key_map, recipe))
+    return model.eval()
