@@ -38,7 +38,8 @@ def _arrow(fig: Any, src: Any, dst: Any, text: str = "", start: str = "right",
            end: str = "left") -> None:  # fmt: skip
     from matplotlib.patches import ConnectionPatch
 
-    points = {"right": (1.0, 0.5), "left": (0.0, 0.5), "bottom": (0.5, 0.0), "top": (0.5, 1.0)}
+    points = {"right": (1.0, 0.5), "left": (0.0, 0.5), "bottom": (0.5, 0.0), "top": (0.5, 1.0),
+              "left_of_labels": (-0.3, 0.5)}  # fmt: skip
     arrow = ConnectionPatch(points[start], points[end], coordsA="axes fraction",
                             coordsB="axes fraction", axesA=src, axesB=dst, arrowstyle="-|>",
                             mutation_scale=14, color="0.3", lw=1.3)  # fmt: skip
@@ -143,7 +144,7 @@ def plot_pipeline(
     _arrow(fig, top[1], top[2])
     _arrow(fig, top[2], top[3])
     _arrow(fig, top[3], bottom[0], "training", start="bottom", end="top")
-    _arrow(fig, bottom[0], bottom[1])
+    _arrow(fig, bottom[0], bottom[1], end="left_of_labels")
     _arrow(fig, top[3], bottom[2], "inference", start="bottom", end="top")
     _arrow(fig, bottom[2], bottom[3])
     return fig
