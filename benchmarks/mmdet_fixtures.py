@@ -1,13 +1,23 @@
 """Write the mmdetection conformance fixtures of ``labkit.convert.from_mmdet`` (not run in CI).
 
-For each recipe, build mmdetection 3.3.0's own model from its shipped config (num_classes 3,
+For each case, build mmdetection 3.3.0's own model from its shipped config (num_classes 3,
 no pretrained init), fill it with ``labkit.convert.seeded_state_dict`` weights (from key
 names, shapes and a seed), run eval-mode inference on a seeded 1x3x96x128 input and save,
-in ``tests/fixtures/mmdet/<recipe>.pt`` (read with ``torch.load(weights_only=True)``):
+in ``tests/fixtures/mmdet/<case>.pt`` (read with ``torch.load(weights_only=True)``):
 key names and shapes (never the weights), the seeds, the input shape, the raw head outputs
 per level, the final detections of mmdetection's own post-processing (its ``test_cfg`` is
 stored too), the config and the mmdet / mmengine / mmcv / torch versions.
 ``tests/test_convert_mmdet.py`` rebuilds the weights, converts them and compares.
+
+Deformable-DETR cases (``deformable_detr``, ``deformable_detr_refine``,
+``deformable_detr_refine_twostage``: the three shipped configs) use 20 queries and keep 30
+detections; they store each decoder layer's class logits and boxes (``all_cls_scores``,
+``all_bbox_preds``), for two-stage also the encoder proposals (``enc_outputs_class``,
+``enc_outputs_coord``, read from ``pre_decoder`` with the detector's own ``training`` flag
+set, which only decides whether mmdetection returns them), and ``tied``: the keys of one
+shared parameter (the prediction branches without box refinement), so the test rebuilds the
+weights the model really held. The two-stage case pads its 80x112 image to 96x128, so the
+padding masks, valid ratios and masked proposals are exercised too.
 
 Run it in a throwaway environment, never in labkit's own (``.venv`` is reused for torch):
 
@@ -15,7 +25,7 @@ Run it in a throwaway environment, never in labkit's own (``.venv`` is reused fo
     /tmp/mmdet-venv/bin/pip install mmengine==0.10.7 mmdet==3.3.0 "mmcv-lite==2.1.0"
     echo "$PWD/.venv/lib/python3.11/site-packages" \\
         > /tmp/mmdet-venv/lib/python3.11/site-packages/zz_labkit_venv.pth
-    OMP_NUM_THREADS=1 /tmp/mmdet-venv/bin/python -m benchmarks.mmdet_fixtures [RECIPE ...]
+    OMP_NUM_THREADS=1 /tmp/mmdet-venv/bin/python -m benchmarks.mmdet_fixtures [CASE ...]
 
 (the ``.pth`` line puts labkit's torch/torchvision after the throwaway venv's own packages).
 
@@ -32,6 +42,10 @@ mmdet's Python code is the real one, and only these compiled kernels are replace
   mmcv's and torchvision's kernels are the same detectron2 algorithm);
 - every other ``mmcv._ext`` name: a placeholder that raises ``NotImplementedError`` if called;
   the script fails if any placeholder ran (none of these models' inference calls one).
+
+mmcv's ``MultiScaleDeformableAttention`` needs no stub: it calls the compiled
+``ms_deform_attn_forward`` only for CUDA tensors and otherwise runs mmcv's own pure-PyTorch
+``multi_scale_deformable_attn_pytorch`` (``grid_sample``), which is what runs here.
 """
 
 from __future__ import annotations
@@ -66,6 +80,23 @@ CASES = {
     "foveabox": ("foveabox/fovea_r50_fpn_4xb4-1x_coco.py", {}),
     "fsaf": ("fsaf/fsaf_r50_fpn_1x_coco.py", {}),
     "faster_rcnn": ("faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py", {}),
+}
+# case -> (config, labkit from_mmdet kwargs, img_shape inside INPUT_SHAPE); recipe deformable_detr
+DETR_QUERIES = 20
+DETR_MAX_PER_IMG = 30  # topk over queries x classes must not ask for more than 60
+_DETR_KWARGS = {"num_queries": DETR_QUERIES, "max_per_img": DETR_MAX_PER_IMG}
+DETR_CASES = {
+    "deformable_detr": ("deformable-detr_r50_16xb2-50e_coco.py", _DETR_KWARGS, (96, 128)),
+    "deformable_detr_refine": (
+        "deformable-detr-refine_r50_16xb2-50e_coco.py",
+        _DETR_KWARGS,
+        (96, 128),
+    ),
+    "deformable_detr_refine_twostage": (
+        "deformable-detr-refine-twostage_r50_16xb2-50e_coco.py",
+        _DETR_KWARGS,
+        (80, 112),
+    ),
 }
 
 PLACEHOLDER_CALLS: list[str] = []
@@ -127,6 +158,9 @@ def build_mmdet(config: str):
     register_all_modules()
     cfg = Config.fromfile(str(Path(mmdet.__file__).parent / ".mim" / "configs" / config))
     cfg.model.backbone.init_cfg = None
+    if cfg.model.type == "DeformableDETR":
+        cfg.model.num_queries = DETR_QUERIES
+        cfg.model.test_cfg.max_per_img = DETR_MAX_PER_IMG
     if "roi_head" in cfg.model:
         cfg.model.roi_head.bbox_head.num_classes = NUM_CLASSES
     else:
@@ -146,24 +180,66 @@ def _instances(inst) -> dict:
     }
 
 
-def run_case(recipe: str) -> dict:
-    """Build, fill, run mmdetection's ``recipe`` model; the fixture dict."""
+def _tied_keys(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """``{key: source_key}`` for keys sharing one parameter; ``load_state_dict`` copies each key
+    in order, so the group's last key is the value the model keeps."""
+    groups: dict[int, list[str]] = {}
+    for key, value in state.items():
+        if value.numel():
+            groups.setdefault(value.data_ptr(), []).append(key)
+    return {k: keys[-1] for keys in groups.values() for k in keys[:-1]}
+
+
+def _detr_outputs(model, feats, sample) -> dict:
+    """Per-decoder-layer outputs and (two-stage) the encoder proposals of mmdetection's DETR."""
+    enc_inputs, dec_inputs = model.pre_transformer(feats, [sample])
+    enc_outputs = model.forward_encoder(**enc_inputs)
+    model.training = True  # only makes pre_decoder return the proposals; modules stay in eval
+    try:
+        pre_dec, proposals = model.pre_decoder(**enc_outputs)
+    finally:
+        model.training = False
+    dec_outputs = model.forward_decoder(**pre_dec, **dec_inputs)
+    cls_scores, bbox_preds = model.bbox_head(**dec_outputs)
+    outputs = {
+        "all_cls_scores": cls_scores.float().clone(),
+        "all_bbox_preds": bbox_preds.float().clone(),
+    }
+    if model.as_two_stage:
+        outputs["enc_outputs_class"] = proposals["enc_outputs_class"].float().clone()
+        outputs["enc_outputs_coord"] = proposals["enc_outputs_coord"].float().clone()
+    return outputs
+
+
+def run_case(case: str) -> dict:
+    """Build, fill, run mmdetection's model of ``case``; the fixture dict."""
     import mmcv
     import mmdet
     import mmengine
     from mmdet.structures import DetDataSample
     from mmdet.structures.bbox import bbox2roi
 
-    config, kwargs = CASES[recipe]
+    h, w = INPUT_SHAPE[-2:]
+    if case in CASES:
+        recipe, (config, kwargs), (img_h, img_w) = case, CASES[case], (h, w)
+    else:
+        recipe = "deformable_detr"
+        config, kwargs, (img_h, img_w) = DETR_CASES[case]
+        config = f"deformable_detr/{config}"
     model, cfg = build_mmdet(config)
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    own = model.state_dict()
+    shapes = {k: tuple(v.shape) for k, v in own.items()}
+    tied = _tied_keys(own)
     model.load_state_dict(seeded_state_dict(shapes, SEED), strict=True)
+    expected = seeded_state_dict(shapes, SEED, tied)
+    held = [k for k, v in model.state_dict().items() if not torch.equal(v, expected[k])]
+    if held:
+        raise SystemExit(f"{case}: tied keys do not describe the loaded model: {held[:5]}")
 
     x = torch.randn(INPUT_SHAPE, generator=torch.Generator().manual_seed(INPUT_SEED))
-    h, w = INPUT_SHAPE[-2:]
     img_meta = {
-        "img_shape": (h, w),
-        "ori_shape": (h, w),
+        "img_shape": (img_h, img_w),
+        "ori_shape": (img_h, img_w),
         "pad_shape": (h, w),
         "batch_input_shape": (h, w),
         "scale_factor": (1.0, 1.0),
@@ -189,6 +265,7 @@ def run_case(recipe: str) -> dict:
         "seed": SEED,
         "keys": list(shapes),
         "shapes": [list(s) for s in shapes.values()],
+        "tied": tied,
         "input_seed": INPUT_SEED,
         "input_shape": list(INPUT_SHAPE),
         "img_meta": {k: list(v) for k, v in img_meta.items()},
@@ -196,7 +273,9 @@ def run_case(recipe: str) -> dict:
     }
     with torch.no_grad():
         feats = model.extract_feat(x)
-        if recipe == "faster_rcnn":
+        if recipe == "deformable_detr":
+            fixture["outputs"] = _detr_outputs(model, feats, sample)
+        elif recipe == "faster_rcnn":
             rpn_cls, rpn_reg = model.rpn_head(feats)
             proposals = model.rpn_head.predict_by_feat(
                 rpn_cls, rpn_reg, batch_img_metas=[img_meta], cfg=model.test_cfg.rpn, rescale=False
@@ -226,22 +305,23 @@ def run_case(recipe: str) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("recipes", nargs="*", help=f"some of {list(CASES)} (default: all)")
+    cases = [*CASES, *DETR_CASES]
+    parser.add_argument("cases", nargs="*", help=f"some of {cases} (default: all)")
     args = parser.parse_args(argv)
-    unknown = set(args.recipes) - set(CASES)
+    unknown = set(args.cases) - set(cases)
     if unknown:
-        parser.error(f"unknown recipes {sorted(unknown)}; choose from {list(CASES)}")
+        parser.error(f"unknown cases {sorted(unknown)}; choose from {cases}")
     install_mmcv_ext_stub()
     OUT.mkdir(parents=True, exist_ok=True)
-    for recipe in args.recipes or list(CASES):
-        fixture = run_case(recipe)
+    for case in args.cases or cases:
+        fixture = run_case(case)
         if PLACEHOLDER_CALLS:
-            raise SystemExit(f"{recipe}: stubbed mmcv ops were called: {PLACEHOLDER_CALLS}")
-        path = OUT / f"{recipe}.pt"
+            raise SystemExit(f"{case}: stubbed mmcv ops were called: {PLACEHOLDER_CALLS}")
+        path = OUT / f"{case}.pt"
         torch.save(fixture, path)
         det = fixture["detections"]
         print(
-            f"{recipe}: {len(fixture['keys'])} keys, {det['boxes'].shape[0]} detections, "
+            f"{case}: {len(fixture['keys'])} keys, {det['boxes'].shape[0]} detections, "
             f"score range {det['scores'].min():.3f}-{det['scores'].max():.3f}, "
             f"{path.stat().st_size / 1024:.0f} KB -> {path.relative_to(ROOT)}"
         )

@@ -1,4 +1,4 @@
-"""Weights from other codebases: mmdetection 3.x checkpoints into labkit recipes.
+"""Weights from other codebases: mmdetection 3.x (and Co-DETR) checkpoints into labkit recipes.
 
     from labkit.convert import from_mmdet
     model = from_mmdet("atss_r50_fpn_1x_coco.pth", "atss")

@@ -6,7 +6,11 @@ Every mmdetection key goes through the explicit map of ``labkit.convert.mmdet_ke
 exactly one labkit key of the same shape; anything left over on either side is an error
 that lists the keys. What a state dict cannot show is checked from the checkpoint's
 ``meta`` config text when it is there (a caffe-style ResNet, FCOS's ``norm_on_bbox`` /
-``centerness_on_reg``), since those change the computed function without changing a key.
+``centerness_on_reg``, Deformable-DETR's ``with_box_refine`` and two-stage ``num_queries``),
+since those change the computed function without changing a key.
+
+``co_deformable_detr`` reads Sense-X/Co-DETR's own checkpoints (mmdetection 2.x names); its
+map is written from Co-DETR's source, but, unlike the others, no test runs Co-DETR itself.
 
 Inputs: a converted model expects what mmdetection's pytorch-style configs feed: RGB images
 normalised with ImageNet's mean and std (``labkit.data.transforms.Normalize``'s defaults).
@@ -36,6 +40,8 @@ _CLASSIFIERS = {
     "foveabox": ("bbox_head.conv_cls.weight", 1, 0),
     "fsaf": ("bbox_head.retina_cls.weight", 1, 0),
     "faster_rcnn": ("roi_head.bbox_head.fc_cls.weight", 1, 1),  # + background
+    "deformable_detr": ("bbox_head.cls_branches.0.weight", 1, 0),  # sigmoid, no background
+    "co_deformable_detr": ("query_head.cls_branches.0.weight", 1, 0),
 }
 # Keys that name a feature labkit does not have, and what it is.
 _UNSUPPORTED = {
@@ -131,6 +137,108 @@ def _check_config(meta: Mapping, recipe: str, kwargs: Mapping) -> None:
                 )
 
 
+def _config_flag(meta: Mapping, pattern: str) -> str | None:
+    """The first group of ``pattern`` in the checkpoint's config text, if both are there."""
+    text = meta.get("cfg") or meta.get("config")
+    found = re.search(pattern, text) if isinstance(text, str) else None
+    return None if found is None else found.group(1)
+
+
+def _branches_shared(state: Mapping[str, Tensor], prefix: str) -> bool:
+    """Whether every copy of the per-layer prediction branches holds the same tensors, as
+    mmdetection saves them when the layers share one branch (no box refinement)."""
+    copies: dict[str, list[Tensor]] = {}
+    for key, value in state.items():
+        if m := re.match(rf"{re.escape(prefix)}(cls|reg)_branches\.\d+\.(.+)$", key):
+            copies.setdefault(f"{m.group(1)}.{m.group(2)}", []).append(value)
+    return all(torch.equal(v[0], other) for v in copies.values() for other in v[1:])
+
+
+# recipe -> (prefix of the transformer keys, of the prediction branches, FFN's first Linear,
+# the learned queries)
+_DETR_LAYOUTS = {
+    "deformable_detr": ("", "bbox_head.", "ffn.layers.0.0", "query_embedding.weight"),
+    "co_deformable_detr": (
+        "query_head.transformer.",
+        "query_head.",
+        "ffns.0.layers.0.0",
+        "query_head.query_embedding.weight",
+    ),
+}
+
+
+def _detr_settings(state: Mapping[str, Tensor], meta: Mapping, kwargs: dict, recipe: str) -> dict:
+    """Deformable-DETR / Co-DETR recipe settings read off the keys and shapes (and the config
+    text for what no key shows: the two-stage query count, box refinement); a given setting
+    must agree. ``kwargs`` is updated in place and returned."""
+    mm, branches, ffn, query_key = _DETR_LAYOUTS[recipe]
+    layers = {}
+    for part in ("encoder", "decoder"):
+        pattern = rf"{re.escape(mm)}{part}\.layers\.(\d+)\."
+        layers[part] = {int(m.group(1)) for k in state if (m := re.match(pattern, k))}
+    if len(layers["encoder"]) != len(layers["decoder"]):
+        raise ValueError(
+            f"checkpoint: {len(layers['encoder'])} encoder and {len(layers['decoder'])} decoder "
+            f"layers; labkit's Deformable-DETR has as many of each"
+        )
+    level_embed = state.get(f"{mm}level_embed" + ("s" if mm else ""))
+    first_ffn = state.get(f"{mm}encoder.layers.0.{ffn}.weight")
+    found = {
+        "num_layers": len(layers["encoder"]),
+        "embed_dims": None if level_embed is None else level_embed.shape[1],
+        "feedforward_channels": None if first_ffn is None else first_ffn.shape[0],
+    }
+    shared = _branches_shared(state, branches)
+    queries = state.get(query_key)
+    if recipe == "co_deformable_detr":
+        if shared:
+            raise ValueError(
+                "checkpoint: its query head shares one prediction branch across decoder "
+                "layers (no box refinement); labkit's co_deformable_detr refines boxes"
+            )
+        # mixed selection: one learned content query per decoder query
+        found["num_queries"] = None if queries is None else queries.shape[0]
+        aux = [
+            name
+            for name, key in (
+                ("atss", "bbox_head.0.atss_cls.weight"),
+                ("faster_rcnn", "rpn_head.rpn_cls.weight"),
+            )
+            if key in state
+        ]
+        found["aux"] = aux
+        fc = state.get("roi_head.0.bbox_head.shared_fcs.0.weight")
+        found["rcnn_fc_channels"] = None if fc is None else fc.shape[0]
+    else:
+        two_stage = "memory_trans_fc.weight" in state
+        found["two_stage"] = two_stage
+        if not two_stage and queries is not None:
+            found["num_queries"] = queries.shape[0]
+        elif (count := _config_flag(meta, r"num_queries\s*=\s*(\d+)")) is not None:
+            found["num_queries"] = int(count)
+        refine = _config_flag(meta, r"with_box_refine\s*=\s*(True|False)")
+        if refine is not None:
+            found["with_box_refine"] = refine == "True"
+    for name, value in found.items():
+        if value is None:
+            continue
+        given = kwargs.setdefault(name, value)
+        if (sorted(given) if name == "aux" else given) != (
+            sorted(value) if name == "aux" else value
+        ):
+            raise ValueError(f"{name}: the checkpoint has {name}={value}, got {given}")
+    if recipe == "deformable_detr":
+        # without the config: one branch saved for all layers means no refinement
+        kwargs.setdefault("with_box_refine", not shared)
+        if not kwargs["with_box_refine"] and not shared:
+            raise ValueError(
+                "with_box_refine: the checkpoint's per-layer cls/reg branches differ, but "
+                "without box refinement mmdetection shares one branch across layers (and "
+                "would keep only the last copy)"
+            )
+    return kwargs
+
+
 def _hint(recipe: str, keys: list[str]) -> str:
     notes = [why for part, why in _UNSUPPORTED.items() if any(part in k for k in keys)]
     if recipe == "fcos" and any(re.search(r"_convs\.\d+\.0\.bias$", k) for k in keys):
@@ -177,7 +285,7 @@ def _convert(
 
 
 def _tower_convs(model: nn.Module) -> int:
-    tower = getattr(model.head, "cls_convs", None)
+    tower = getattr(getattr(model, "head", None), "cls_convs", None)
     return 0 if tower is None else sum(isinstance(m, nn.Conv2d) for m in tower.modules())
 
 
@@ -190,17 +298,27 @@ def from_mmdet(
         checkpoint: a path to an mmdetection ``.pth`` (``{"meta": ..., "state_dict": ...}``),
             such a dict, or a bare state dict ``{key: Tensor}``.
         recipe: ``"retinanet"``, ``"atss"``, ``"fcos"``, ``"paa"``, ``"foveabox"``, ``"fsaf"``
-            or ``"faster_rcnn"`` (ResNet + FPN; not ``"reppoints"``: deformable convs).
+            or ``"faster_rcnn"`` (ResNet + FPN; not ``"reppoints"``: deformable convs), or
+            ``"deformable_detr"`` (ResNet + ChannelMapper; plain, ``with_box_refine`` or
+            refine + two-stage).
         **recipe_kwargs: passed to ``labkit.recipes.build_model``. ``num_classes`` comes from
             the classifier's shape (``retina_cls``: ``9 * C`` outputs, ``fc_cls``: ``C + 1``)
             and ``backbone`` from the ResNet's depth unless given. For FCOS, ``norm_on_bbox``
             and ``centerness_on_reg`` must match the mmdetection config (labkit's defaults are
             the "center-normbbox-centeronreg-giou" configs; ``center_sampling`` and the GIoU
-            loss only matter for training).
+            loss only matter for training). For Deformable-DETR, ``two_stage``,
+            ``num_layers``, ``embed_dims``, ``feedforward_channels`` and (one-stage)
+            ``num_queries`` come from the keys and shapes, ``with_box_refine`` from the config
+            text or else from whether the per-layer branches differ; a two-stage model's
+            ``num_queries`` (proposals kept, no key shows it) from the config text, else pass
+            it (mmdetection's configs: 300, labkit's default); ``max_per_img`` is the
+            config's ``test_cfg`` (100 by default).
 
     Returns:
         The labkit model in eval mode, e.g. a ``SingleStageDetector`` whose ``forward(img:
-        Tensor[B, 3, H, W])`` gives mmdetection's head outputs per level.
+        Tensor[B, 3, H, W])`` gives mmdetection's head outputs per level, or a
+        ``DeformableDETR`` whose ``forward(img, padding_mask)`` gives ``all_cls_scores``
+        ``Tensor[num_layers, B, Q, C]`` and ``all_bbox_preds`` ``Tensor[num_layers, B, Q, 4]``.
 
     Raises:
         ValueError: naming the argument, when a key is not mapped, a labkit key is left
@@ -217,6 +335,8 @@ def from_mmdet(
             f"num_classes: the checkpoint's classifier has {num_classes} classes, got {given}"
         )
     _check_config(meta, recipe, recipe_kwargs)
+    if recipe in _DETR_LAYOUTS:
+        recipe_kwargs = _detr_settings(state, meta, recipe_kwargs, recipe)
     recipe_kwargs.setdefault("backbone", _infer_backbone(state))
     model = build_model(recipe, num_classes, **recipe_kwargs)
     depth = getattr(model.backbone, "depth", None)
@@ -224,6 +344,13 @@ def from_mmdet(
         raise ValueError(
             f"backbone: mmdetection checkpoints hold ResNets, got {recipe_kwargs['backbone']!r}"
         )
-    key_map = mmdet_key_map(recipe, depth=depth, stacked_convs=_tower_convs(model))
+    key_map = mmdet_key_map(
+        recipe,
+        depth=depth,
+        stacked_convs=_tower_convs(model),
+        num_layers=getattr(getattr(model, "decoder", None), "num_layers", 6),
+        two_stage=getattr(model, "as_two_stage", False),
+        aux=[head.name for head in getattr(model, "aux_heads", ())],
+    )
     model.load_state_dict(_convert(state, model.state_dict(), key_map, recipe))
     return model.eval()

@@ -16,7 +16,9 @@ from torch import Tensor
 __all__ = ["seeded_state_dict"]
 
 
-def seeded_state_dict(shapes: Mapping[str, Sequence[int]], seed: int = 0) -> dict[str, Tensor]:
+def seeded_state_dict(
+    shapes: Mapping[str, Sequence[int]], seed: int = 0, tied: Mapping[str, str] | None = None
+) -> dict[str, Tensor]:
     """Deterministic float32 tensors for every key of ``shapes`` (``{key: shape}``).
 
     Keys are visited in sorted order; key number ``i`` draws from
@@ -29,6 +31,10 @@ def seeded_state_dict(shapes: Mapping[str, Sequence[int]], seed: int = 0) -> dic
     - 2-D and larger (conv / linear weights): N(0, 1 / fan_in), fan_in = ``prod(shape[1:])``;
     - other ``weight`` and ``scale`` (norm scales, FCOS/ATSS ``Scale``): 1 + N(0, 0.05);
     - everything else (biases, ``moment_transfer``): N(0, 0.05).
+
+    ``tied`` (``{key: source_key}``) names keys of one shared parameter (Deformable-DETR's
+    prediction branches without box refinement are one module listed once per layer): each
+    such key then holds ``source_key``'s tensor, as the saved model would.
 
     Returns:
         ``{key: Tensor[shape]}`` in sorted key order.
@@ -52,4 +58,8 @@ def seeded_state_dict(shapes: Mapping[str, Sequence[int]], seed: int = 0) -> dic
         else:
             value = 0.05 * torch.randn(shape, generator=g)
         state[key] = value
+    for key, source in (tied or {}).items():
+        if key not in state or source not in state or state[key].shape != state[source].shape:
+            raise ValueError(f"tied: {key!r} -> {source!r} are not two keys of one shape")
+        state[key] = state[source]
     return state

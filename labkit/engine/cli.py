@@ -3,13 +3,15 @@
     labkit train --model atss --data shapes --epochs 12 --work-dir work_dirs/atss
     labkit train --model retinanet --data annotations.json:images/ --image-size 800,1333 --amp
     labkit eval --checkpoint work_dirs/atss/latest.pth
+    labkit eval --checkpoint atss_r50_fpn_1x_coco.pth --mmdet atss --data val.json:images/
     torchrun --nproc_per_node=4 --no-python labkit train --model co_deformable_detr --data shapes
 
 Models come from ``labkit.recipes.RECIPES`` (name -> ``Recipe``: a build function taking
 ``num_classes`` and keyword arguments, which ``--model-arg backbone=tiny`` passes, and the
 paper's schedule, which flags such as ``--lr`` override). Checkpoints store the
 recipe name, its arguments, the data spec and the image size, so ``labkit eval`` rebuilds
-the model from the checkpoint alone.
+the model from the checkpoint alone; ``--mmdet RECIPE`` instead converts an mmdetection
+checkpoint with ``labkit.convert.from_mmdet`` (then ``--data`` is required).
 """
 
 from __future__ import annotations
@@ -244,12 +246,35 @@ def _check_classes(recipe: dict, dataset: Any, spec: str) -> None:
         )
 
 
+def _mmdet_model(args: argparse.Namespace) -> tuple[Any, Any]:
+    """``labkit eval --mmdet RECIPE``: the model converted from an mmdetection
+    checkpoint by ``labkit.convert.from_mmdet`` (classes checked before any inference)."""
+    from labkit.convert import MMDET_RECIPES, from_mmdet, load_mmdet_state
+
+    if args.mmdet not in MMDET_RECIPES:
+        raise SystemExit(
+            f"labkit eval: --mmdet: no mmdetection conversion for {args.mmdet!r}; choose from "
+            f"{list(MMDET_RECIPES)}"
+        )
+    if args.data is None:
+        raise SystemExit("labkit eval: --mmdet needs --data (an mmdetection checkpoint names none)")
+    try:
+        state, meta = load_mmdet_state(args.checkpoint)
+        model = from_mmdet({"meta": meta, "state_dict": state}, args.mmdet)
+    except (OSError, TypeError, ValueError) as err:
+        raise SystemExit(f"labkit eval: --checkpoint: {err}") from err
+    dataset = build_dataset(args.data, "val", args.image_size or (512, 512))
+    classes = (meta.get("dataset_meta") or {}).get("classes")
+    recipe = {"classes": list(classes or []), "kwargs": {"num_classes": model.num_classes}}
+    _check_classes(recipe, dataset, args.data)
+    return model, dataset
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
-    import labkit
-    from labkit.data import make_loader
-    from labkit.engine import evaluate as evaluate_module
     from labkit.engine.checkpoint import load_checkpoint
 
+    if args.mmdet is not None:
+        return _evaluate(args, *_mmdet_model(args))
     ckpt = load_checkpoint(args.checkpoint)
     recipe = ckpt.get("recipe") or {}
     if "name" not in recipe:
@@ -272,6 +297,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     _check_classes(recipe, dataset, spec)  # before building the model and any inference
     model = recipes[recipe["name"]].build(**recipe.get("kwargs", {}))
     load_checkpoint(args.checkpoint, model)
+    return _evaluate(args, model, dataset)
+
+
+def _evaluate(args: argparse.Namespace, model: Any, dataset: Any) -> int:
+    """COCO-evaluate ``model`` on ``dataset``, print the table, write ``--output``."""
+    import labkit
+    from labkit.data import make_loader
+    from labkit.engine import evaluate as evaluate_module
+
     device = labkit.device(args.device)
     model.to(device)
     loader = make_loader(dataset, batch_size=args.batch_size, num_workers=args.num_workers)
@@ -343,6 +377,10 @@ def register(subparsers: argparse._SubParsersAction, recipes: Recipes | None = N
 
     ev = subparsers.add_parser("eval", help="COCO-evaluate a checkpoint saved by `labkit train`")
     ev.add_argument("--checkpoint", required=True)
+    ev.add_argument(
+        "--mmdet", default=None, metavar="RECIPE",
+        help="the checkpoint is mmdetection's: convert it to labkit RECIPE (needs --data)",
+    )  # fmt: skip
     ev.add_argument("--data", default=None, help="default: the data the checkpoint was trained on")
     ev.add_argument("--image-size", type=parse_image_size, default=None, metavar="H[,W]")
     ev.add_argument("--batch-size", type=int, default=2)
