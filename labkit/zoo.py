@@ -414,7 +414,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     unknown = sorted(set(args.names) - set(ZOO))
     if unknown:
-        raise SystemExit(f"labkit zoo compare: unknown zoo names {unknown}; choose from {sorted(ZOO)}")
+        raise SystemExit(
+            f"labkit zoo compare: unknown zoo names {unknown}; choose from {sorted(ZOO)}"
+        )
     print(recorded.seed_table(args.names, tuple(args.metric)))
     print()
     first = args.names[0]
@@ -440,5 +442,7 @@ def register(subparsers: Any) -> None:
         "compare", help="mean ± std over seeds, and what the first name's difference supports"
     )
     comp.add_argument("names", nargs="+", help="zoo names; the first is compared with each other")
-    comp.add_argument("--metric", nargs="+", default=["AP", "AP50"], help="COCO metrics (first: the claim)")
+    comp.add_argument(
+        "--metric", nargs="+", default=["AP", "AP50"], help="COCO metrics (first: the claim)"
+    )
     comp.set_defaults(func=_cmd_compare)

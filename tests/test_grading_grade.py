@@ -389,8 +389,8 @@ def test_every_lesson_grades_solution_full_and_student_copy_zero(tmp_path):
     sources = discover(NOTEBOOKS)
     build_assignments(sources, tmp_path / "build")
     for path in sources:
-        for who, copy in (("solution", "instructor"), ("student", "student")):
-            built = json.loads((tmp_path / "build" / copy / path.name).read_text())
+        for who, flavour in (("solution", "instructor"), ("student", "student")):
+            built = json.loads((tmp_path / "build" / flavour / path.name).read_text())
             write(tmp_path / "subs" / who / path.name, built)
     grades = grade_submissions(
         tmp_path / "subs", sources, tmp_path / "grades.csv", jobs=2, cell_timeout=300,
@@ -400,7 +400,9 @@ def test_every_lesson_grades_solution_full_and_student_copy_zero(tmp_path):
     for notebook in by_student["solution"].notebooks:
         assert notebook.status == "ok", (notebook.notebook, notebook.notes)
         assert len(notebook.exercises) >= 3, notebook.notebook
-        lost = [(e.id, e.points, e.max_points) for e in notebook.exercises if e.points != e.max_points]
+        lost = [
+            (e.id, e.points, e.max_points) for e in notebook.exercises if e.points != e.max_points
+        ]
         assert not lost, f"{notebook.notebook}: the solution lost points: {lost} {notebook.notes}"
     for notebook in by_student["student"].notebooks:
         assert notebook.points == 0 and notebook.max_points > 0, notebook.notebook

@@ -93,9 +93,9 @@ def test_teaching_cells_hold_no_test_plumbing(path):
         if RECORD_TAG in tags:
             body = [ln for ln in cell.source.splitlines() if ln.strip() and not ln.startswith("#")]
             statements = ast.parse(cell.source).body
-            assert all(
-                "labkit.notebook.record(" in ast.unparse(s) for s in statements
-            ), f"{path.name}: record cell {i} must only record ({body})"
+            assert all("labkit.notebook.record(" in ast.unparse(s) for s in statements), (
+                f"{path.name}: record cell {i} must only record ({body})"
+            )
             assert cell.metadata.get("jupyter", {}).get("source_hidden"), (
                 f"{path.name}: record cell {i} should be collapsed (jupyter.source_hidden)"
             )

@@ -202,7 +202,7 @@ def test_the_covariance_sensitive_gt_is_the_one_whose_kept_count_moves_most():
     def sel(kept_per_gt, candidates):
         keep = torch.zeros(len(kept_per_gt), 10, dtype=torch.bool)
         cand = torch.zeros(len(kept_per_gt), 10, dtype=torch.bool)
-        for k, (n, c) in enumerate(zip(kept_per_gt, candidates)):
+        for k, (n, c) in enumerate(zip(kept_per_gt, candidates, strict=True)):
             keep[k, :n] = True
             cand[k, :c] = True
         return SimpleNamespace(keep=keep, cand_mask=cand)

@@ -140,11 +140,15 @@ def test_every_shipped_zoo_file_loads_with_its_hash_verified():
 
 # Retraining a prefix costs ~20 s per entry: one seed per zoo name proves the command line
 # reproduces its run; the other seeds of that name differ only in --seed.
-PREFIX_ROWS = [r for r in ROWS if r["seed"] == min(x["seed"] for x in ROWS if x["name"] == r["name"])]
+PREFIX_ROWS = [
+    r for r in ROWS if r["seed"] == min(x["seed"] for x in ROWS if x["name"] == r["name"])
+]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("row", PREFIX_ROWS, ids=[f"{r['name']}-seed{r['seed']}" for r in PREFIX_ROWS])
+@pytest.mark.parametrize(
+    "row", PREFIX_ROWS, ids=[f"{r['name']}-seed{r['seed']}" for r in PREFIX_ROWS]
+)
 def test_shipped_zoo_entry_reproduces_its_first_logged_losses(row, tmp_path):
     """Retraining the entry from its seed reproduces the logged losses of its first logging
     window.

@@ -16,7 +16,9 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 
 @pytest.mark.parametrize(
-    "stated", recorded.LESSON_CLAIMS, ids=lambda c: f"{c.notebook[:2]}-{c.first}-{c.second}-{c.metric}"
+    "stated",
+    recorded.LESSON_CLAIMS,
+    ids=lambda c: f"{c.notebook[:2]}-{c.first}-{c.second}-{c.metric}",
 )
 def test_stated_comparison_holds_on_the_recorded_seeds(stated):
     got = recorded.claim(stated.first, stated.second, stated.metric)
@@ -25,9 +27,7 @@ def test_stated_comparison_holds_on_the_recorded_seeds(stated):
         f"{stated.verdict!r}, the recorded seeds say: {got.sentence}"
     )
     book = nbformat.read(NOTEBOOKS / stated.notebook, as_version=4)
-    text = " ".join(
-        " ".join(c.source.split()) for c in book.cells if c.cell_type == "markdown"
-    )
+    text = " ".join(" ".join(c.source.split()) for c in book.cells if c.cell_type == "markdown")
     assert stated.phrase in text, f"{stated.notebook} no longer states: {stated.phrase!r}"
 
 

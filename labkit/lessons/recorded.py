@@ -103,7 +103,9 @@ def seed_table(names: list[str], metrics: tuple[str, ...] = ("AP", "AP50"), root
                 text += f" {c['mean']:>10.3f} ± {'n/a':<6}"
             else:
                 text += f" {c['mean']:>10.3f} ± {c['std']:<6.3f}"
-        per_seed = ", ".join(f"s{s}: {v:.3f}" for s, v in zip(cols["seeds"], cols["values"]))
+        per_seed = ", ".join(
+            f"s{s}: {v:.3f}" for s, v in zip(cols["seeds"], cols["values"], strict=True)
+        )
         lines.append(text + f"   {per_seed or 'not trained'}")
     return "\n".join(lines)
 

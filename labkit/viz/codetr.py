@@ -247,7 +247,11 @@ def plot_feature_maps(
     return im
 
 
-SOURCE_LABELS = {"Hungarian": "Hungarian (one-to-one)", "atss": "ATSS head", "faster_rcnn": "Faster R-CNN head"}
+SOURCE_LABELS = {
+    "Hungarian": "Hungarian (one-to-one)",
+    "atss": "ATSS head",
+    "faster_rcnn": "Faster R-CNN head",
+}
 
 
 def plot_query_source(
@@ -316,7 +320,8 @@ def positive_query_explorer(
         lambda widgets: {
             "image": widgets.IntSlider(value=0, min=0, max=len(by_layer) - 1, description="image"),
             "source": widgets.Dropdown(options=sources, value=sources[-1], description="source"),
-            "layer": widgets.IntSlider(value=num_layers - 1, min=0, max=num_layers - 1,
-                                       description="layer"),  # fmt: skip
+            "layer": widgets.IntSlider(
+                value=num_layers - 1, min=0, max=num_layers - 1, description="layer"
+            ),  # fmt: skip
         },
     )

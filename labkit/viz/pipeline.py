@@ -76,8 +76,13 @@ def plot_pipeline(
     bottom = [fig.add_subplot(grid[1, j]) for j in range(4)]
     h, w = trace.img.shape[-2:]
 
-    show_image(trace.img, ax=top[0], mean=mean, std=std,
-               title=f"image {h} x {w}, {len(trace.gt_bboxes)} ground-truth boxes")
+    show_image(
+        trace.img,
+        ax=top[0],
+        mean=mean,
+        std=std,
+        title=f"image {h} x {w}, {len(trace.gt_bboxes)} ground-truth boxes",
+    )
     top[0].title.set_fontsize(9)  # fmt: skip
     draw_boxes(top[0], trace.gt_bboxes, labels=trace.gt_labels, class_names=class_names)
 
@@ -113,7 +118,11 @@ def plot_pipeline(
 
     ax = bottom[1]
     keys = list(trace.losses)
-    ax.barh(range(len(keys)), [trace.losses[k] for k in keys], color=[class_color(i) for i in range(len(keys))])
+    ax.barh(
+        range(len(keys)),
+        [trace.losses[k] for k in keys],
+        color=[class_color(i) for i in range(len(keys))],
+    )
     ax.set_yticks(range(len(keys)), [k.removeprefix("loss_") for k in keys], fontsize=8)
     ax.invert_yaxis()
     for i, k in enumerate(keys):
