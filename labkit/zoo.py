@@ -39,6 +39,7 @@ __all__ = [
     "ZooEntry",
     "compare",
     "load",
+    "log_records",
     "manifest",
     "manifest_row",
     "row_metric",
@@ -274,20 +275,33 @@ def compare(names: list[str], metric: str = "AP", root: Path | None = None) -> l
     return out
 
 
-def _train_minutes(log_path: Path) -> float:
-    """Training minutes from a ``log.jsonl``: each train line's mean step time x its steps. A
-    resumed run may have re-logged iterations; the last line for an iteration wins."""
-    lines: dict[int, dict] = {}
+def log_records(log_path: Path) -> list[dict]:
+    """The train and val lines of a ``log.jsonl``, in iteration order (train before val).
+
+    A resumed run may re-log iterations: a train line at iteration ``i`` drops every line logged
+    before it at ``i`` or later (the killed run's), and a re-logged line replaces its twin.
+    """
+    kept: dict[tuple[str, int], dict] = {}
     for text in log_path.read_text(encoding="utf-8").splitlines():
         record = json.loads(text)
-        if record.get("mode") == "train" and "time" in record:
-            for it in [i for i in lines if i >= record["iter"]]:
-                del lines[it]  # a resume went back: forget the killed run's later lines
-            lines[record["iter"]] = record
+        mode = record.get("mode")
+        if mode not in ("train", "val"):
+            continue
+        if mode == "train":
+            for key in [k for k in kept if k[1] >= record["iter"]]:
+                del kept[key]  # a resume went back: forget the killed run's later lines
+        kept[(mode, record["iter"])] = record
+    return [kept[k] for k in sorted(kept, key=lambda k: (k[1], k[0]))]
+
+
+def _train_minutes(log_path: Path) -> float:
+    """Training minutes from a ``log.jsonl``: each train line's mean step time x its steps
+    (each iteration counted once, see :func:`log_records`)."""
     seconds, previous = 0.0, 0
-    for it in sorted(lines):
-        seconds += lines[it]["time"] * (it - previous)
-        previous = it
+    for record in log_records(log_path):
+        if record["mode"] == "train" and "time" in record:
+            seconds += record["time"] * (record["iter"] - previous)
+            previous = record["iter"]
     return seconds / 60
 
 

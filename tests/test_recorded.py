@@ -13,10 +13,10 @@ def _zoo(tmp_path, values: dict[str, list[float]]):
     for name, aps in values.items():
         for seed, ap in enumerate(aps):
             rows.append({"name": name, "seed": seed, "AP": ap, "AP50": 2 * ap, "file": "x"})
-            log = [
+            log = [  # as the engine writes them: a train line, then the val line at its iteration
                 {"mode": "train", "iter": 50, "loss": 2.0},
-                {"mode": "val", "iter": 100, "AP": ap / 2},
                 {"mode": "train", "iter": 100, "loss": 1.0 + seed},
+                {"mode": "val", "iter": 100, "AP": ap / 2},
                 {"mode": "val", "iter": 200, "AP": ap},
             ]
             text = "\n".join(json.dumps(r) for r in log) + "\n"

@@ -11,8 +11,6 @@ new seed that changes a verdict fails the suite until the text is updated.
 
 from __future__ import annotations
 
-import json
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,10 +91,10 @@ def seed_table(names: list[str], metrics: tuple[str, ...] = ("AP", "AP50"), root
     head = f"{'model':<24} {'seeds':>5}" + "".join(f" {m + ' mean ± std':>19}" for m in metrics)
     lines = [head + f"   per seed ({metrics[0]})"]
     for name in names:
-        cols = zoo.compare([name], metrics[0], root)[0]
+        columns = [zoo.compare([name], metric, root)[0] for metric in metrics]
+        cols = columns[0]
         text = f"{name:<24} {cols['n']:>5}"
-        for metric in metrics:
-            c = zoo.compare([name], metric, root)[0]
+        for c in columns:
             if c["n"] == 0:
                 text += f" {'-':>19}"
             elif c["std"] is None:
@@ -114,12 +112,7 @@ def _log(name: str, seed: int, root: Path | None) -> list[dict]:
     path = (root or zoo.zoo_dir()) / f"{name}-seed{seed}.log.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"name, seed: no recorded log {path} (labkit zoo train {name})")
-    records: dict[tuple[str, int], dict] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
-        if record.get("mode") in ("train", "val"):
-            records[(record["mode"], record["iter"])] = record  # a resumed run re-logs: last wins
-    return [records[k] for k in sorted(records, key=lambda k: (k[1], k[0]))]
+    return zoo.log_records(path)
 
 
 def loss_curve(name: str, seed: int, key: str = "loss", root=None) -> tuple[list, list]:
@@ -165,5 +158,4 @@ LESSON_CLAIMS: tuple[LessonClaim, ...] = (
 
 def mean_of(name: str, metric: str = "AP", root=None) -> float | None:
     """The mean of ``metric`` over the recorded seeds of ``name`` (``None`` when untrained)."""
-    values = [zoo.row_metric(r, metric, root) for r in zoo.manifest(root) if r["name"] == name]
-    return statistics.fmean(values) if values else None
+    return zoo.compare([name], metric, root)[0]["mean"]
