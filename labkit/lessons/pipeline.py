@@ -9,7 +9,6 @@ import torch
 from torch import Tensor
 
 from labkit.detectors.single_stage import SingleStageDetector
-from labkit.heads.dense_head import select_single_mlvl
 
 __all__ = ["PipelineTrace", "trace_pipeline"]
 
@@ -82,8 +81,7 @@ def trace_pipeline(model: SingleStageDetector, batch: dict) -> PipelineTrace:
                 f"{type(targets).__name__}"
             )
         meta = inputs["img_metas"][0]
-        factors = [select_single_mlvl(list(outs[2]), 0)] if len(outs) > 2 else None
-        kwargs = {"score_factors": [f[None] for f in factors[0]]} if factors else {}
+        kwargs = {"score_factors": [f[:1] for f in outs[2]]} if len(outs) > 2 else {}
         before = model.head.predict_by_feat(
             [c[:1] for c in cls_scores], [b[:1] for b in bbox_preds], **kwargs,
             batch_img_metas=[meta], with_nms=False,
