@@ -19,6 +19,15 @@ shared parameter (the prediction branches without box refinement), so the test r
 weights the model really held. The two-stage case pads its 80x112 image to 96x128, so the
 padding masks, valid ratios and masked proposals are exercised too.
 
+RepPoints cases store the head's training-mode outputs (class logits, init and refined points
+per level; the head's ``training`` flag is set for that call only, it changes nothing but what
+``forward`` returns) and its eval-mode pseudo boxes (``pseudo_bboxes``). ``reppoints`` is the
+shipped ``reppoints-moment_r50_fpn_1x_coco`` (no GroupNorm); ``reppoints_minmax_gn_head`` is
+the shipped ``reppoints-minmax_r50_fpn-gn_head-gn_1x_coco`` with its FPN's GroupNorm removed
+(labkit's FPN has none), so the GroupNorm towers and another transform are exercised. The
+``reppoints`` fixture also lists, under ``refused``, how the key names and shapes of two
+shipped configs labkit refuses differ from its own (a GroupNorm FPN; grid points).
+
 Run it in a throwaway environment, never in labkit's own (``.venv`` is reused for torch):
 
     /work/main/.venv/bin/python -m venv --system-site-packages /tmp/mmdet-venv
@@ -40,6 +49,17 @@ mmdet's Python code is the real one, and only these compiled kernels are replace
 - ``mmcv._ext.roi_align_forward(...)``: ``torchvision.ops.roi_align`` written into mmcv's
   output buffer (``pool_mode`` avg only, ``aligned`` and ``sampling_ratio`` passed through;
   mmcv's and torchvision's kernels are the same detectron2 algorithm);
+- ``mmcv._ext.deform_conv_forward(...)`` (under ``mmcv.ops.DeformConv2d``, RepPoints):
+  ``torchvision.ops.deform_conv2d`` (no bias, no mask) written into mmcv's output buffer;
+  stride, padding and dilation passed through, the group counts checked against the shapes
+  (torchvision infers them). The offset layouts agree: both kernels read kernel point
+  ``(i, j)``'s ``dy`` from offset channel ``2 (i * k_w + j)`` and its ``dx`` from the next
+  (mmcv: ``data_offset_h_ptr`` / ``_w_ptr`` in ``ops/csrc/pytorch/cpu/deform_conv.cpp``), and
+  sample bilinearly with zeros outside the map the same way. Before any case runs, the stub
+  is checked against a line-by-line Python transcription of mmcv's CPU kernel
+  (``mmcv_deform_conv_reference``) on random offsets that reach outside the map. mmcv's
+  ``DeformConv2d.forward`` (zero-padding maps smaller than the kernel, then cropping) runs
+  unchanged on top;
 - every other ``mmcv._ext`` name: a placeholder that raises ``NotImplementedError`` if called;
   the script fails if any placeholder ran (none of these models' inference calls one).
 
@@ -51,6 +71,8 @@ mmcv's ``MultiScaleDeformableAttention`` needs no stub: it calls the compiled
 from __future__ import annotations
 
 import argparse
+import itertools
+import math
 import sys
 import types
 from pathlib import Path
@@ -79,7 +101,25 @@ CASES = {
     "paa": ("paa/paa_r50_fpn_1x_coco.py", {}),
     "foveabox": ("foveabox/fovea_r50_fpn_4xb4-1x_coco.py", {}),
     "fsaf": ("fsaf/fsaf_r50_fpn_1x_coco.py", {}),
+    "reppoints": ("reppoints/reppoints-moment_r50_fpn_1x_coco.py", {}),
     "faster_rcnn": ("faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py", {}),
+}
+# case -> (recipe, shipped config, from_mmdet kwargs, changes to it under cfg.model): a shipped
+# config changed only where labkit has no counterpart
+VARIANT_CASES = {
+    "reppoints_minmax_gn_head": (
+        "reppoints",
+        "reppoints/reppoints-minmax_r50_fpn-gn_head-gn_1x_coco.py",
+        {"transform": "minmax"},  # no key tells minmax from partial_minmax
+        {"neck.norm_cfg": None},  # labkit's FPN has no GroupNorm
+    ),
+}
+# case -> shipped configs labkit refuses, whose key differences the case's fixture lists
+REFUSED = {
+    "reppoints": (
+        "reppoints/reppoints-moment_r50_fpn-gn_head-gn_1x_coco.py",  # GroupNorm FPN
+        "reppoints/reppoints-bbox_r50_fpn-gn_head-gn-grid_1x_coco.py",  # grid points
+    ),
 }
 # case -> (config, labkit from_mmdet kwargs, img_shape inside INPUT_SHAPE); recipe deformable_detr
 DETR_QUERIES = 20
@@ -126,11 +166,86 @@ def _ext_roi_align_forward(
     )
 
 
+def _ext_deform_conv_forward(
+    input, weight, offset, output, columns, ones, *, kW, kH, dW, dH, padW, padH,
+    dilationW, dilationH, group, deformable_group, im2col_step,
+):  # fmt: skip
+    # torchvision infers both group counts from the shapes: they must be the ones asked for
+    if (
+        input.shape[1] != weight.shape[1] * group
+        or offset.shape[1] != 2 * deformable_group * kH * kW
+    ):
+        raise NotImplementedError("stub mmcv._ext.deform_conv_forward: groups do not fit shapes")
+    output.copy_(
+        torchvision.ops.deform_conv2d(
+            input,
+            offset,
+            weight,
+            stride=(dH, dW),
+            padding=(padH, padW),
+            dilation=(dilationH, dilationW),
+        )
+    )
+
+
+def mmcv_deform_conv_reference(x, offset, weight, padding: int) -> torch.Tensor:
+    """mmcv's CPU deformable convolution transcribed loop by loop (``deformable_im2col_cpu_kernel``
+    and ``deformable_im2col_bilinear_cpu`` of ``mmcv/ops/csrc/pytorch/cpu/deform_conv.cpp``, then
+    the GEMM), stride 1, dilation 1, one group, in float64. x: [B, C, H, W]; offset:
+    [B, 2 * kh * kw, H_out, W_out]; weight: [C_out, C, kh, kw] -> [B, C_out, H_out, W_out]."""
+    b, c, h, w = x.shape
+    kh, kw = weight.shape[-2:]
+    h_out, w_out = offset.shape[-2:]
+
+    def bilinear(img, y, xx):
+        if y <= -1 or h <= y or xx <= -1 or w <= xx:
+            return 0.0
+        y0, x0 = math.floor(y), math.floor(xx)
+        ly, lx = y - y0, xx - x0
+        corners = (
+            (y0, x0, (1 - ly) * (1 - lx)),
+            (y0, x0 + 1, (1 - ly) * lx),
+            (y0 + 1, x0, ly * (1 - lx)),
+            (y0 + 1, x0 + 1, ly * lx),
+        )
+        return sum(wt * img[yy, xc] for yy, xc, wt in corners if 0 <= yy < h and 0 <= xc < w)
+
+    columns = torch.zeros(b, c, kh, kw, h_out, w_out, dtype=torch.float64)
+    for n, ch, i, j, r, q in itertools.product(
+        range(b), range(c), range(kh), range(kw), range(h_out), range(w_out)
+    ):
+        offset_h = float(offset[n, 2 * (i * kw + j), r, q])  # data_offset_h_ptr
+        offset_w = float(offset[n, 2 * (i * kw + j) + 1, r, q])  # data_offset_w_ptr
+        h_im, w_im = r - padding + i + offset_h, q - padding + j + offset_w
+        if h_im > -1 and w_im > -1 and h_im < h and w_im < w:
+            columns[n, ch, i, j, r, q] = bilinear(x[n, ch].double(), h_im, w_im)
+    return torch.einsum("ocij,ncijrq->norq", weight.double(), columns)
+
+
+def check_deform_conv_stub() -> float:
+    """Max abs difference of the ``deform_conv_forward`` stub from mmcv's transcribed kernel on
+    random inputs whose offsets (up to +-3 pixels) reach outside the 4x5 map; raises above 1e-9."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64)
+    weight = torch.randn(4, 3, 3, 3, generator=g, dtype=torch.float64)
+    offset = 3 * torch.randn(2, 18, 4, 5, generator=g, dtype=torch.float64)
+    out = x.new_empty(2, 4, 4, 5)
+    _ext_deform_conv_forward(
+        x, weight, offset, out, None, None, kW=3, kH=3, dW=1, dH=1, padW=1, padH=1,
+        dilationW=1, dilationH=1, group=1, deformable_group=1, im2col_step=2,
+    )  # fmt: skip
+    diff = float((out - mmcv_deform_conv_reference(x, offset, weight, 1)).abs().max())
+    if not diff <= 1e-9:
+        raise SystemExit(f"deform_conv_forward stub differs from mmcv's kernel by {diff:.3g}")
+    return diff
+
+
 def install_mmcv_ext_stub() -> None:
     """Register the stand-in ``mmcv._ext`` (see the module docstring) before mmdet is imported."""
     ext = types.ModuleType("mmcv._ext")
     ext.nms = _ext_nms
     ext.roi_align_forward = _ext_roi_align_forward
+    ext.deform_conv_forward = _ext_deform_conv_forward
 
     def placeholder(name: str):
         def call(*args, **kwargs):
@@ -148,8 +263,9 @@ def install_mmcv_ext_stub() -> None:
     sys.modules["mmcv._ext"] = ext
 
 
-def build_mmdet(config: str):
-    """mmdetection's model for ``config`` with 3 classes and no pretrained init, eval mode."""
+def build_mmdet(config: str, changes: dict | None = None):
+    """mmdetection's model for ``config`` with 3 classes and no pretrained init, eval mode;
+    ``changes``: ``{dotted key under cfg.model: value}``."""
     import mmdet
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
@@ -158,6 +274,8 @@ def build_mmdet(config: str):
     register_all_modules()
     cfg = Config.fromfile(str(Path(mmdet.__file__).parent / ".mim" / "configs" / config))
     cfg.model.backbone.init_cfg = None
+    if changes:
+        cfg.merge_from_dict({f"model.{k}": v for k, v in changes.items()})
     if cfg.model.type == "DeformableDETR":
         cfg.model.num_queries = DETR_QUERIES
         cfg.model.test_cfg.max_per_img = DETR_MAX_PER_IMG
@@ -211,6 +329,34 @@ def _detr_outputs(model, feats, sample) -> dict:
     return outputs
 
 
+def _reppoints_outputs(model, feats) -> tuple[dict, list[torch.Tensor]]:
+    """RepPoints' per-level (class logits, init points, refined points), which its forward
+    returns only in training mode, and the eval-mode pseudo boxes of the refined points."""
+    head = model.bbox_head
+    head.training = True  # only what forward returns; the GroupNorm and convs are unchanged
+    try:
+        cls_scores, pts_init, pts_refine = head(feats)
+    finally:
+        head.training = False
+    _, pseudo_bboxes = head(feats)
+    outputs = {
+        "cls_scores": _floats(cls_scores),
+        "pts_preds_init": _floats(pts_init),
+        "pts_preds_refine": _floats(pts_refine),
+    }
+    return outputs, _floats(pseudo_bboxes)
+
+
+def _key_differences(shapes: dict, config: str) -> dict:
+    """How the state dict of shipped ``config`` differs from ``shapes`` (``{key: shape}``):
+    ``removed`` keys, and ``shapes`` of the keys it adds or reshapes."""
+    other = {k: tuple(v.shape) for k, v in build_mmdet(config)[0].state_dict().items()}
+    return {
+        "removed": [k for k in shapes if k not in other],
+        "shapes": {k: list(s) for k, s in other.items() if shapes.get(k) != s},
+    }
+
+
 def run_case(case: str) -> dict:
     """Build, fill, run mmdetection's model of ``case``; the fixture dict."""
     import mmcv
@@ -220,13 +366,17 @@ def run_case(case: str) -> dict:
     from mmdet.structures.bbox import bbox2roi
 
     h, w = INPUT_SHAPE[-2:]
+    changes = None
     if case in CASES:
         recipe, (config, kwargs), (img_h, img_w) = case, CASES[case], (h, w)
+    elif case in VARIANT_CASES:
+        recipe, config, kwargs, changes = VARIANT_CASES[case]
+        img_h, img_w = h, w
     else:
         recipe = "deformable_detr"
         config, kwargs, (img_h, img_w) = DETR_CASES[case]
         config = f"deformable_detr/{config}"
-    model, cfg = build_mmdet(config)
+    model, cfg = build_mmdet(config, changes)
     own = model.state_dict()
     shapes = {k: tuple(v.shape) for k, v in own.items()}
     tied = _tied_keys(own)
@@ -249,6 +399,7 @@ def run_case(case: str) -> dict:
         "recipe": recipe,
         "from_mmdet_kwargs": kwargs,
         "mmdet_config": config,
+        "config_changes": changes or {},
         "model_cfg": cfg.model.pretty_text if hasattr(cfg.model, "pretty_text") else str(cfg.model),
         "versions": {
             "mmdet": str(mmdet.__version__),
@@ -260,6 +411,7 @@ def run_case(case: str) -> dict:
         "stubs": [
             "mmcv._ext.nms -> torchvision.ops.nms",
             "mmcv._ext.roi_align_forward -> torchvision.ops.roi_align",
+            "mmcv._ext.deform_conv_forward -> torchvision.ops.deform_conv2d",
             "other mmcv._ext names: raising placeholders",
         ],
         "seed": SEED,
@@ -271,6 +423,8 @@ def run_case(case: str) -> dict:
         "img_meta": {k: list(v) for k, v in img_meta.items()},
         "test_cfg": cfg.model.test_cfg.to_dict(),
     }
+    if case in REFUSED:
+        fixture["refused"] = {c: _key_differences(shapes, c) for c in REFUSED[case]}
     with torch.no_grad():
         feats = model.extract_feat(x)
         if recipe == "deformable_detr":
@@ -294,6 +448,8 @@ def run_case(case: str) -> dict:
                 "cls_score": roi["cls_score"].float().clone(),
                 "bbox_pred": roi["bbox_pred"].float().clone(),
             }
+        elif recipe == "reppoints":
+            fixture["outputs"], fixture["pseudo_bboxes"] = _reppoints_outputs(model, feats)
         else:
             outs = model.bbox_head(feats)
             names = ["cls_scores", "bbox_preds", "centernesses"][: len(outs)]
@@ -305,13 +461,14 @@ def run_case(case: str) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    cases = [*CASES, *DETR_CASES]
+    cases = [*CASES, *VARIANT_CASES, *DETR_CASES]
     parser.add_argument("cases", nargs="*", help=f"some of {cases} (default: all)")
     args = parser.parse_args(argv)
     unknown = set(args.cases) - set(cases)
     if unknown:
         parser.error(f"unknown cases {sorted(unknown)}; choose from {cases}")
     install_mmcv_ext_stub()
+    print(f"deform_conv_forward stub vs mmcv's kernel: max abs diff {check_deform_conv_stub():.2g}")
     OUT.mkdir(parents=True, exist_ok=True)
     for case in args.cases or cases:
         fixture = run_case(case)

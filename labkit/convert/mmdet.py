@@ -6,8 +6,9 @@ Every mmdetection key goes through the explicit map of ``labkit.convert.mmdet_ke
 exactly one labkit key of the same shape; anything left over on either side is an error
 that lists the keys. What a state dict cannot show is checked from the checkpoint's
 ``meta`` config text when it is there (a caffe-style ResNet, FCOS's ``norm_on_bbox`` /
-``centerness_on_reg``, Deformable-DETR's ``with_box_refine`` and two-stage ``num_queries``),
-since those change the computed function without changing a key.
+``centerness_on_reg``, Deformable-DETR's ``with_box_refine`` and two-stage ``num_queries``,
+RepPoints' ``transform_method`` / ``center_init`` / ``use_grid_points``), since those change
+the computed function without changing a key.
 
 ``co_deformable_detr`` reads Sense-X/Co-DETR's own checkpoints (mmdetection 2.x names); its
 map is written from Co-DETR's source, but, unlike the others, no test runs Co-DETR itself.
@@ -39,6 +40,7 @@ _CLASSIFIERS = {
     "paa": ("bbox_head.atss_cls.weight", 1, 0),
     "foveabox": ("bbox_head.conv_cls.weight", 1, 0),
     "fsaf": ("bbox_head.retina_cls.weight", 1, 0),
+    "reppoints": ("bbox_head.reppoints_cls_out.weight", 1, 0),
     "faster_rcnn": ("roi_head.bbox_head.fc_cls.weight", 1, 1),  # + background
     "deformable_detr": ("bbox_head.cls_branches.0.weight", 1, 0),  # sigmoid, no background
     "co_deformable_detr": ("query_head.cls_branches.0.weight", 1, 0),
@@ -239,6 +241,87 @@ def _detr_settings(state: Mapping[str, Tensor], meta: Mapping, kwargs: dict, rec
     return kwargs
 
 
+def _check_fpn(state: Mapping[str, Tensor]) -> None:
+    """Refuse an FPN with norm layers (mmcv ``ConvModule``'s ``.gn`` / ``.bn``): labkit's has none."""
+    normed = [k for k in state if re.match(r"neck\.(lateral|fpn)_convs\.\d+\.(gn|bn)\.", k)]
+    if normed:
+        raise ValueError(
+            f"checkpoint: its FPN has norm layers ({_listed('keys', normed)}; mmdetection's "
+            f"'fpn-gn' / 'gn-neck+head' configs); labkit's FPN has none, so it cannot compute "
+            f"the same function"
+        )
+
+
+# `key=value` (a config file's text, as checkpoints store it) or `'key': value` (a dict's repr)
+_SET = r"['\"]?\s*[=:]\s*"
+
+
+def _reppoints_settings(state: Mapping[str, Tensor], meta: Mapping, kwargs: dict) -> dict:
+    """RepPoints recipe settings read off the keys (``norm``, ``stacked_convs``, ``transform``
+    when ``moment_transfer`` is there) and the config text (``transform_method``); a given
+    setting must agree. Refuses heads labkit's ``RepPointsHead`` does not compute: grid points,
+    ``center_init=False``, another point count, another GroupNorm group count (labkit's:
+    ``min(32, channels)``). ``kwargs`` is updated in place and returned."""
+    pts_out = state.get("bbox_head.reppoints_pts_init_out.weight")
+    gn = state.get("bbox_head.cls_convs.0.gn.weight")
+    unsupported = []
+    text = meta.get("cfg") or meta.get("config")
+    if gn is not None and isinstance(text, str):
+        groups = {int(g) for g in re.findall(rf"num_groups{_SET}(\d+)", text)}
+        if groups - {min(32, gn.shape[0])}:
+            unsupported.append(
+                f"GroupNorm with num_groups={sorted(groups)} in its config; labkit's towers "
+                f"use {min(32, gn.shape[0])} groups for {gn.shape[0]} channels"
+            )
+    grid = _config_flag(meta, rf"use_grid_points{_SET}(True|False)") == "True"
+    if grid or (pts_out is not None and pts_out.shape[0] == 4):
+        unsupported.append(
+            "use_grid_points=True (the 'reppoints-bbox-...-grid' configs: each stage regresses "
+            "a box and samples a 3x3 grid in it); labkit's head predicts the 9 points directly"
+        )
+    elif pts_out is not None and pts_out.shape[0] != 18:
+        unsupported.append(f"num_points={pts_out.shape[0] // 2}; labkit's head has 9 points")
+    if _config_flag(meta, rf"center_init{_SET}(True|False)") == "False":
+        unsupported.append(
+            "center_init=False (the initial points start on a fixed grid around each "
+            "location); labkit's start at the location"
+        )
+    if unsupported:
+        raise ValueError(f"checkpoint: its RepPoints head has {'; '.join(unsupported)}")
+    towers = {
+        int(m.group(1)) for k in state if (m := re.match(r"bbox_head\.cls_convs\.(\d+)\.", k))
+    }
+    found: dict[str, object] = {
+        "norm": None if gn is None else "gn",
+        "stacked_convs": len(towers),
+    }
+    moment = "bbox_head.moment_transfer" in state
+    method = _config_flag(meta, rf"transform_method{_SET}['\"](\w+)['\"]")
+    if method is not None and (method == "moment") != moment:
+        raise ValueError(
+            f"checkpoint: its config has transform_method='{method}' but its state dict "
+            f"{'has' if moment else 'has no'} bbox_head.moment_transfer"
+        )
+    if moment or method is not None:
+        found["transform"] = "moment" if moment else method
+    elif "transform" not in kwargs:
+        raise ValueError(
+            "transform: the checkpoint has no bbox_head.moment_transfer, so its "
+            "transform_method is 'minmax' or 'partial_minmax', which no key shows (and it has "
+            "no config text); pass transform='minmax' or transform='partial_minmax'"
+        )
+    elif kwargs["transform"] == "moment":
+        raise ValueError(
+            "transform: the checkpoint has no bbox_head.moment_transfer, so it is not 'moment'; "
+            "pass transform='minmax' or transform='partial_minmax'"
+        )
+    for name, value in found.items():
+        given = kwargs.setdefault(name, value)
+        if given != value:
+            raise ValueError(f"{name}: the checkpoint has {name}={value!r}, got {given!r}")
+    return kwargs
+
+
 def _hint(recipe: str, keys: list[str]) -> str:
     notes = [why for part, why in _UNSUPPORTED.items() if any(part in k for k in keys)]
     if recipe == "fcos" and any(re.search(r"_convs\.\d+\.0\.bias$", k) for k in keys):
@@ -297,8 +380,8 @@ def from_mmdet(
     Args:
         checkpoint: a path to an mmdetection ``.pth`` (``{"meta": ..., "state_dict": ...}``),
             such a dict, or a bare state dict ``{key: Tensor}``.
-        recipe: ``"retinanet"``, ``"atss"``, ``"fcos"``, ``"paa"``, ``"foveabox"``, ``"fsaf"``
-            or ``"faster_rcnn"`` (ResNet + FPN; not ``"reppoints"``: deformable convs), or
+        recipe: ``"retinanet"``, ``"atss"``, ``"fcos"``, ``"paa"``, ``"foveabox"``, ``"fsaf"``,
+            ``"reppoints"`` or ``"faster_rcnn"`` (ResNet + FPN without norm layers), or
             ``"deformable_detr"`` (ResNet + ChannelMapper; plain, ``with_box_refine`` or
             refine + two-stage).
         **recipe_kwargs: passed to ``labkit.recipes.build_model``. ``num_classes`` comes from
@@ -306,7 +389,11 @@ def from_mmdet(
             and ``backbone`` from the ResNet's depth unless given. For FCOS, ``norm_on_bbox``
             and ``centerness_on_reg`` must match the mmdetection config (labkit's defaults are
             the "center-normbbox-centeronreg-giou" configs; ``center_sampling`` and the GIoU
-            loss only matter for training). For Deformable-DETR, ``two_stage``,
+            loss only matter for training). For RepPoints, ``norm`` (GroupNorm towers or
+            none) and ``stacked_convs`` come from the keys, ``transform`` from
+            ``moment_transfer`` (``"moment"``) or else the config's ``transform_method``;
+            without config text a ``"minmax"`` / ``"partial_minmax"`` checkpoint needs
+            ``transform`` passed (their keys are the same). For Deformable-DETR, ``two_stage``,
             ``num_layers``, ``embed_dims``, ``feedforward_channels`` and (one-stage)
             ``num_queries`` come from the keys and shapes, ``with_box_refine`` from the config
             text or else from whether the per-layer branches differ; a two-stage model's
@@ -316,14 +403,16 @@ def from_mmdet(
 
     Returns:
         The labkit model in eval mode, e.g. a ``SingleStageDetector`` whose ``forward(img:
-        Tensor[B, 3, H, W])`` gives mmdetection's head outputs per level, or a
+        Tensor[B, 3, H, W])`` gives mmdetection's head outputs per level (RepPoints: those of
+        training mode, ``cls_out [B, C, H, W]``, init and refined points ``[B, 18, H, W]``), or a
         ``DeformableDETR`` whose ``forward(img, padding_mask)`` gives ``all_cls_scores``
         ``Tensor[num_layers, B, Q, C]`` and ``all_bbox_preds`` ``Tensor[num_layers, B, Q, 4]``.
 
     Raises:
         ValueError: naming the argument, when a key is not mapped, a labkit key is left
-            unfilled, a shape differs, or the config shows a function labkit cannot compute
-            (caffe-style ResNet, deformable convs, a different FCOS setting).
+            unfilled, a shape differs, or the keys or config show a function labkit cannot
+            compute (caffe-style ResNet, deformable convs in the backbone, a GroupNorm FPN, a
+            different FCOS setting, RepPoints' grid points or ``center_init=False``).
     """
     if recipe not in MMDET_RECIPES:
         raise ValueError(f"recipe: no mmdetection conversion for {recipe!r}; have {MMDET_RECIPES}")
@@ -335,6 +424,9 @@ def from_mmdet(
             f"num_classes: the checkpoint's classifier has {num_classes} classes, got {given}"
         )
     _check_config(meta, recipe, recipe_kwargs)
+    _check_fpn(state)
+    if recipe == "reppoints":
+        recipe_kwargs = _reppoints_settings(state, meta, recipe_kwargs)
     if recipe in _DETR_LAYOUTS:
         recipe_kwargs = _detr_settings(state, meta, recipe_kwargs, recipe)
     recipe_kwargs.setdefault("backbone", _infer_backbone(state))
@@ -344,6 +436,11 @@ def from_mmdet(
         raise ValueError(
             f"backbone: mmdetection checkpoints hold ResNets, got {recipe_kwargs['backbone']!r}"
         )
+    head = getattr(model, "head", None)
+    if recipe == "reppoints":  # the tower norm and the transform decide keys
+        head_keys = {"norm": head.norm, "transform": head.transform}
+    else:
+        head_keys = {}
     key_map = mmdet_key_map(
         recipe,
         depth=depth,
@@ -351,6 +448,7 @@ def from_mmdet(
         num_layers=getattr(getattr(model, "decoder", None), "num_layers", 6),
         two_stage=getattr(model, "as_two_stage", False),
         aux=[head.name for head in getattr(model, "aux_heads", ())],
+        **head_keys,
     )
     model.load_state_dict(_convert(state, model.state_dict(), key_map, recipe))
     return model.eval()

@@ -7,9 +7,12 @@ Each map is written out from the two codebases' module layouts:
   (stride on the 3x3 conv) compute the same function, see ``labkit.convert.mmdet``.
 - FPN: mmcv's ``ConvModule`` adds a ``.conv`` level (``lateral_convs.0.conv.weight``), labkit
   uses plain convs (``lateral_convs.0.weight``); indices agree (both start at
-  ``start_level``; the extra P6/P7 convs follow the used levels in ``fpn_convs``).
+  ``start_level``; the extra P6/P7 convs follow the used levels in ``fpn_convs``). labkit's
+  FPN has no norm layers, so a GroupNorm FPN (``lateral_convs.0.gn``) has no map.
 - heads: ``bbox_head.`` becomes ``head.``; ConvModule towers become labkit's
-  ``Sequential``/``ModuleList`` layouts (see each ``_*_head`` function).
+  ``Sequential``/``ModuleList`` layouts (see each ``_*_head`` function). RepPoints' two
+  mmcv ``DeformConv2d`` (``reppoints_cls_conv``, ``reppoints_pts_refine_conv``) hold one
+  bias-free ``weight [out, in, 3, 3]``, as labkit's torchvision ``DeformConv2d(bias=False)``.
 - Deformable-DETR: the ChannelMapper's ``ConvModule`` (``convs.0.conv``, ``convs.0.gn``)
   becomes ``Sequential(conv, GN)`` (``convs.0.0``, ``convs.0.1``); mmcv's ``FFN``
   (``layers.0.0`` Linear in ``Sequential(Linear, ReLU, Dropout)``, ``layers.1`` Linear)
@@ -30,6 +33,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from labkit.detectors.co_detr import AUX_HEADS
+from labkit.heads.reppoints import TRANSFORMS as _TRANSFORMS
 
 __all__ = ["MMDET_RECIPES", "RESNET_LAYOUTS", "mmdet_key_map"]
 
@@ -50,6 +54,7 @@ _NECKS = {
     "paa": (3, 2),
     "foveabox": (3, 2),
     "fsaf": (3, 2),
+    "reppoints": (3, 2),
     "faster_rcnn": (4, 0),
 }
 # the Deformable-DETR family (ChannelMapper neck, transformer, per-layer prediction branches)
@@ -139,6 +144,30 @@ def _fovea_head(stacked_convs: int) -> dict[str, str]:
             pairs |= _conv(f"bbox_head.{tower}.{i}.conv", f"head.{tower}.{i}.0")
     for name in ("conv_cls", "conv_reg"):
         pairs |= _conv(f"bbox_head.{name}", f"head.{name}")
+    return pairs
+
+
+def _reppoints_head(stacked_convs: int, norm: str | None, transform: str) -> dict[str, str]:
+    # labkit: ModuleList of Sequential(conv, [GN,] ReLU) -> conv i is "i.0", its GN "i.1"; a
+    # tower conv has a bias only without GN (ConvModule's bias="auto"), in both codebases
+    pairs = {}
+    for tower in ("cls_convs", "reg_convs"):
+        for i in range(stacked_convs):
+            conv, lk = f"bbox_head.{tower}.{i}", f"head.{tower}.{i}"
+            pairs |= _conv(f"{conv}.conv", f"{lk}.0", bias=norm is None)
+            if norm == "gn":
+                pairs |= _conv(f"{conv}.gn", f"{lk}.1")
+    for name in ("reppoints_cls_conv", "reppoints_pts_refine_conv"):  # deformable, no bias
+        pairs |= _conv(f"bbox_head.{name}", f"head.{name}", bias=False)
+    for name in (
+        "reppoints_cls_out",
+        "reppoints_pts_init_conv",
+        "reppoints_pts_init_out",
+        "reppoints_pts_refine_out",
+    ):
+        pairs |= _conv(f"bbox_head.{name}", f"head.{name}")
+    if transform == "moment":  # the learned log-scale of the moment transform, a Parameter[2]
+        pairs["bbox_head.moment_transfer"] = "head.moment_transfer"
     return pairs
 
 
@@ -298,12 +327,15 @@ def mmdet_key_map(
     num_layers: int = 6,
     two_stage: bool = True,
     aux: Sequence[str] = AUX_HEADS,
+    norm: str | None = None,
+    transform: str = "moment",
 ) -> dict[str, str]:
     """The key map of labkit recipe ``recipe`` with a ResNet-``depth`` backbone.
 
     Args:
         recipe: one of :data:`MMDET_RECIPES` (``"retinanet"``, ``"atss"``, ``"fcos"``,
-            ``"paa"``, ``"foveabox"``, ``"fsaf"``, ``"faster_rcnn"``, ``"deformable_detr"``,
+            ``"paa"``, ``"foveabox"``, ``"fsaf"``, ``"reppoints"``, ``"faster_rcnn"``,
+            ``"deformable_detr"``,
             ``"co_deformable_detr"``: Sense-X/Co-DETR's checkpoints, mmdetection 2.x names).
         depth: ResNet depth, 18, 34, 50 or 101.
         stacked_convs: convs per head tower (dense recipes; mmdetection's configs use 4).
@@ -312,6 +344,9 @@ def mmdet_key_map(
             refinement changes no key name (shared branches are listed once per layer too).
         aux: (``co_deformable_detr``) the auxiliary heads, some of ``"faster_rcnn"``,
             ``"atss"``; the map follows labkit's head order (Faster R-CNN first, Co-DETR's).
+        norm: (``reppoints``) ``"gn"`` when the head towers have GroupNorm, else ``None``.
+        transform: (``reppoints``) ``"moment"`` (has ``moment_transfer``), ``"minmax"`` or
+            ``"partial_minmax"``.
 
     Returns:
         ``{mmdet_key: labkit_key}``, one entry per mmdetection state-dict key (BatchNorm
@@ -321,6 +356,10 @@ def mmdet_key_map(
         raise ValueError(f"recipe: no mmdetection key map for {recipe!r}; have {MMDET_RECIPES}")
     if not isinstance(stacked_convs, int) or stacked_convs < 0:
         raise ValueError(f"stacked_convs: expected an int >= 0, got {stacked_convs!r}")
+    if norm not in (None, "gn"):
+        raise ValueError(f"norm: expected None or 'gn', got {norm!r}")
+    if transform not in _TRANSFORMS:
+        raise ValueError(f"transform: expected one of {_TRANSFORMS}, got {transform!r}")
     if recipe in _DETRS:
         if not isinstance(num_layers, int) or num_layers < 1:
             raise ValueError(f"num_layers: expected an int >= 1, got {num_layers!r}")
@@ -340,4 +379,6 @@ def mmdet_key_map(
         return pairs | _fcos_head(stacked_convs)
     if recipe == "foveabox":
         return pairs | _fovea_head(stacked_convs)
+    if recipe == "reppoints":
+        return pairs | _reppoints_head(stacked_convs, norm, transform)
     return pairs | _faster_rcnn_head()
