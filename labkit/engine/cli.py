@@ -26,6 +26,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from labkit.lessons.trained import (
+    build_dataset,
+    build_recipe_model,
+    check_classes,
+    labkit_checkpoint,
+    load_mmdet_model,
+)
+
 Recipes = Mapping[str, Any]  # name -> labkit.recipes.Recipe (``build``, ``schedule``)
 
 
@@ -75,54 +83,6 @@ def parse_model_arg(text: str) -> tuple[str, Any]:
         return key, ast.literal_eval(value)
     except (ValueError, SyntaxError):
         return key, value
-
-
-def build_dataset(
-    spec: str,
-    split: str,
-    image_size: tuple[int, int],
-    crop: int | None = None,
-    scale_range: tuple[float, float] = (0.6, 1.0),
-) -> Any:
-    """The dataset named by ``--data``: ``shapes``, ``shapes:N``, ``trees`` or ``PATH.json[:IMG_DIR]``.
-
-    ``shapes:N`` generates ``N`` training images (in ``data/shapes-nN``) instead of 256; its
-    val split is the standard one (images are drawn per split and index, so they are the same). ``split="train"`` uses the training transforms (resize
-    to ``image_size`` and random flip, or with ``crop`` a random ``crop`` x ``crop`` window of
-    the image scaled by a factor in ``scale_range``), anything else the test transforms.
-    ``trees`` and a COCO file have a single split, used for both. ``IMG_DIR`` defaults to the
-    annotation file's folder.
-    """
-    from labkit import data
-
-    if split != "train":
-        transforms = data.test_transforms(image_size)
-    elif crop is not None:
-        transforms = data.crop_train_transforms(crop, scale_range)
-    else:
-        transforms = data.train_transforms(image_size)
-    if spec == "shapes" or spec.startswith("shapes:"):
-        name, _, count = spec.partition(":")
-        if count and not (count.isdigit() and int(count) > 0):
-            raise ValueError(f"--data: expected shapes:N with N a positive int, got {spec!r}")
-        num_train = int(count) if count else 256
-        if split != "train" or num_train == 256:  # the val split is the same for every N
-            return data.shapes_dataset(
-                "train" if split == "train" else "val", transforms=transforms
-            )
-        root = os.path.join(data.data_root(), f"shapes-n{num_train}")
-        return data.shapes_dataset("train", root=root, transforms=transforms, num_train=num_train)
-    if spec == "trees":
-        from labkit.data.trees import trees_dataset
-
-        return trees_dataset(transforms=transforms)
-    ann_file, sep, img_dir = spec.partition(".json:")
-    ann_file = ann_file + ".json" if sep else spec
-    if not ann_file.endswith(".json"):
-        raise ValueError(f"--data: expected 'shapes', 'trees' or PATH.json[:IMG_DIR], got {spec!r}")
-    if not os.path.isfile(ann_file):
-        raise FileNotFoundError(f"--data: no annotation file at {ann_file!r}")
-    return data.CocoDetection(ann_file, img_dir or os.path.dirname(ann_file) or ".", transforms)
 
 
 def _seed_everything(seed: int) -> None:
@@ -220,36 +180,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _check_classes(recipe: dict, dataset: Any, spec: str) -> None:
-    """Exit unless ``dataset`` has the classes, in the order, the checkpoint was trained on
-    (``recipe["classes"]``, else the count ``recipe["kwargs"]["num_classes"]``): label ``i``
-    of the model must mean class ``i`` of the data, or per-class AP goes to the wrong names."""
-    trained = [str(c) for c in recipe.get("classes") or []]
-    num_trained = recipe.get("kwargs", {}).get("num_classes", len(trained) or None)
-    data = [str(c) for c in getattr(dataset, "classes", None) or []]
-    num_data = getattr(dataset, "num_classes", len(data) or None)
-    if num_trained is not None and num_data is not None and num_trained != num_data:
-        raise SystemExit(
-            f"labkit eval: --data: {spec!r} has {num_data} classes {data} but the checkpoint's "
-            f"model predicts {num_trained} (recipe.classes {trained}); evaluate on data with the "
-            "classes it was trained on"
-        )
-    if trained and data and trained != data:
-        how = (
-            "the same classes in another order"
-            if sorted(trained) == sorted(data)
-            else "other classes"
-        )
-        raise SystemExit(
-            f"labkit eval: --data: {spec!r} has {how} than the checkpoint: {data} vs "
-            f"recipe.classes {trained}; label i must be the same class in both (labels follow "
-            "the order of the JSON's 'categories'), so reorder them or use the training data"
-        )
+    """Exit unless ``dataset`` has the checkpoint's classes (``labkit.lessons.trained.check_classes``)."""
+    try:
+        check_classes(recipe, dataset, spec, argument="--data")
+    except ValueError as err:
+        raise SystemExit(f"labkit eval: {err}") from err
 
 
 def _mmdet_model(args: argparse.Namespace) -> tuple[Any, Any]:
     """``labkit eval --mmdet RECIPE``: the model converted from an mmdetection
     checkpoint by ``labkit.convert.from_mmdet`` (classes checked before any inference)."""
-    from labkit.convert import MMDET_RECIPES, from_mmdet, load_mmdet_state
+    from labkit.convert import MMDET_RECIPES
 
     if args.mmdet not in MMDET_RECIPES:
         raise SystemExit(
@@ -259,34 +200,24 @@ def _mmdet_model(args: argparse.Namespace) -> tuple[Any, Any]:
     if args.data is None:
         raise SystemExit("labkit eval: --mmdet needs --data (an mmdetection checkpoint names none)")
     try:
-        state, meta = load_mmdet_state(args.checkpoint)
-        model = from_mmdet({"meta": meta, "state_dict": state}, args.mmdet)
+        model, classes = load_mmdet_model(args.checkpoint, args.mmdet)
     except (OSError, TypeError, ValueError) as err:
         raise SystemExit(f"labkit eval: --checkpoint: {err}") from err
     dataset = build_dataset(args.data, "val", args.image_size or (512, 512))
-    classes = (meta.get("dataset_meta") or {}).get("classes")
-    recipe = {"classes": list(classes or []), "kwargs": {"num_classes": model.num_classes}}
+    recipe = {"classes": classes, "kwargs": {"num_classes": model.num_classes}}
     _check_classes(recipe, dataset, args.data)
     return model, dataset
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from labkit.engine.checkpoint import load_checkpoint
-
     if args.mmdet is not None:
         return _evaluate(args, *_mmdet_model(args))
-    ckpt = load_checkpoint(args.checkpoint)
-    recipe = ckpt.get("recipe") or {}
-    if "name" not in recipe:
-        raise SystemExit(
-            f"labkit eval: {args.checkpoint} stores no model recipe (saved outside `labkit train` "
-            "without recipe=...); load it in Python with labkit.engine.checkpoint.load_checkpoint"
-        )
     recipes = _recipes(args)
-    if recipe["name"] not in recipes:
-        raise SystemExit(
-            f"labkit eval: the checkpoint's model {recipe['name']!r} is not a known recipe"
-        )
+    try:
+        ckpt = labkit_checkpoint(args.checkpoint, recipes)
+    except ValueError as err:
+        raise SystemExit(f"labkit eval: {err}") from err
+    recipe = ckpt["recipe"]
     spec = args.data or recipe.get("data")
     if spec is None:
         raise SystemExit(
@@ -295,9 +226,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     image_size = args.image_size or tuple(recipe.get("image_size", (512, 512)))
     dataset = build_dataset(spec, "val", image_size)
     _check_classes(recipe, dataset, spec)  # before building the model and any inference
-    model = recipes[recipe["name"]].build(**recipe.get("kwargs", {}))
-    load_checkpoint(args.checkpoint, model)
-    return _evaluate(args, model, dataset)
+    return _evaluate(args, build_recipe_model(ckpt, recipes), dataset)
 
 
 def _evaluate(args: argparse.Namespace, model: Any, dataset: Any) -> int:

@@ -4,7 +4,10 @@
   and ``train_on_shapes`` (a briefly trained Deformable-DETR for notebook 04's pictures);
 * ``attention_cost``: dense vs deformable attention, time, memory and the HBM floor;
 * ``codetr_analysis``: Co-DETR's one-to-one positives, positives per decoder layer and the
-  encoder memory's separability.
+  encoder memory's separability;
+* ``trained``: the trained model an analysis runs on (the zoo's, or the ``checkpoint`` a user
+  passes: labkit's or mmdetection's) and its images (``data``: COCO-format); ``labkit eval``
+  shares its checkpoint and data loading.
 
 This layer sits on top of the package (it may import engine, recipes and data); nothing
 below imports it.

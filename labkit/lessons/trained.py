@@ -1,0 +1,528 @@
+"""Trained models for the lessons' analyses, and the data to run them on: the zoo's by default,
+or your own checkpoint (labkit's or mmdetection's) on your own COCO-format images.
+
+    model = trained_model("paa")                     # the zoo's PAA, seed 0 (what notebook 02 shows)
+    model = trained_model("paa", checkpoint="paa_r50_fpn_1x_coco_20200821-936edec3.pth")
+    val_set = analysis_dataset("paa", "instances_val2017.json:val2017/", checkpoint=...)
+
+A labkit checkpoint (``labkit train``) records its recipe, data, image size and classes; an
+mmdetection checkpoint is converted by :func:`labkit.convert.from_mmdet` and names no data, so
+``data`` is then required and the images are resized to mmdetection's COCO test scale
+(``(800, 1333)``). ``labkit eval`` reads checkpoints and ``--data`` through the same functions
+(:func:`build_dataset`, :func:`check_classes`, :func:`labkit_checkpoint`, :func:`load_mmdet_model`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imported late below: `labkit --help` should not load torch and every head
+    from torch import nn
+
+__all__ = [
+    "MMDET_TEST_SIZE",
+    "AnalysisSample",
+    "analysis_dataset",
+    "analysis_sample",
+    "build_dataset",
+    "build_recipe_model",
+    "check_classes",
+    "checkpoint_recipe",
+    "describe_trained",
+    "labkit_checkpoint",
+    "load_mmdet_model",
+    "mmdet_classes",
+    "trained_model",
+]
+
+MMDET_TEST_SIZE = (800, 1333)  # mmdetection's COCO test Resize scale=(1333, 800), as (h, w) limits
+
+# The head class each dense recipe's mmdetection config names (``bbox_head=dict(type=...)``):
+# ATSS and PAA share every key name, so only the config text tells them apart.
+_MMDET_HEADS = {
+    "retinanet": "RetinaHead",
+    "atss": "ATSSHead",
+    "paa": "PAAHead",
+    "fcos": "FCOSHead",
+    "foveabox": "FoveaHead",
+    "fsaf": "FSAFHead",
+    "reppoints": "RepPointsHead",
+}
+# A key only some mmdetection architectures have, first match wins (to say what a checkpoint is).
+_MMDET_SIGNATURES = (
+    ("query_head.", "co_deformable_detr"),
+    ("bbox_head.cls_branches.", "deformable_detr"),
+    ("roi_head.", "faster_rcnn"),
+    ("bbox_head.reppoints_cls_out.", "reppoints"),
+    ("bbox_head.conv_centerness.", "fcos"),
+    ("bbox_head.atss_cls.", "atss or paa"),
+    ("bbox_head.retina_cls.", "retinanet or fsaf"),
+    ("bbox_head.conv_cls.", "foveabox"),
+)
+_UNKNOWN = "no architecture labkit converts"
+
+
+def _where(path: str) -> str:
+    """`` (relative to CWD)`` for a relative path: papermill runs notebooks in ``notebooks/``."""
+    return "" if os.path.isabs(path) else f" (relative to {os.getcwd()})"
+
+
+def build_dataset(
+    spec: str,
+    split: str,
+    image_size: tuple[int, int],
+    crop: int | None = None,
+    scale_range: tuple[float, float] = (0.6, 1.0),
+    *,
+    argument: str = "--data",
+) -> Any:
+    """The dataset named by ``spec``: ``shapes``, ``shapes:N``, ``trees`` or ``PATH.json[:IMG_DIR]``.
+
+    ``shapes:N`` generates ``N`` training images (in ``data/shapes-nN``) instead of 256; its
+    val split is the standard one (images are drawn per split and index, so they are the
+    same). ``split="train"`` uses the training transforms (resize to ``image_size`` (h, w
+    limits) and random flip, or with ``crop`` a random ``crop`` x ``crop`` window of the image
+    scaled by a factor in ``scale_range``), anything else the test transforms (resize,
+    normalize, pad). ``trees`` and a COCO file have a single split, used for both. ``IMG_DIR``
+    defaults to the annotation file's folder. Errors name ``argument``.
+
+    Returns:
+        A ``CocoDetection`` whose items hold ``img: Tensor[3, H, W]``, ``gt_bboxes:
+        Tensor[K, 4]`` (xyxy pixels of the resized image) and ``gt_labels: LongTensor[K]``;
+        ``.classes`` lists the class names (label ``i`` is ``classes[i]``).
+    """
+    from labkit import data
+
+    if split != "train":
+        transforms = data.test_transforms(image_size)
+    elif crop is not None:
+        transforms = data.crop_train_transforms(crop, scale_range)
+    else:
+        transforms = data.train_transforms(image_size)
+    if spec == "shapes" or spec.startswith("shapes:"):
+        _, _, count = spec.partition(":")
+        if count and not (count.isdigit() and int(count) > 0):
+            raise ValueError(f"{argument}: expected shapes:N with N a positive int, got {spec!r}")
+        num_train = int(count) if count else 256
+        if split != "train" or num_train == 256:  # the val split is the same for every N
+            return data.shapes_dataset(
+                "train" if split == "train" else "val", transforms=transforms
+            )
+        root = os.path.join(data.data_root(), f"shapes-n{num_train}")
+        return data.shapes_dataset("train", root=root, transforms=transforms, num_train=num_train)
+    if spec == "trees":
+        from labkit.data.trees import trees_dataset
+
+        return trees_dataset(transforms=transforms)
+    ann_file, sep, img_dir = spec.partition(".json:")
+    ann_file = ann_file + ".json" if sep else spec
+    if not ann_file.endswith(".json"):
+        raise ValueError(
+            f"{argument}: expected 'shapes', 'trees' or PATH.json[:IMG_DIR], got {spec!r}"
+        )
+    if not os.path.isfile(ann_file):
+        raise FileNotFoundError(f"{argument}: no annotation file at {ann_file!r}{_where(ann_file)}")
+    return data.CocoDetection(ann_file, img_dir or os.path.dirname(ann_file) or ".", transforms)
+
+
+def check_classes(recipe: Mapping, dataset: Any, spec: str, *, argument: str = "--data") -> None:
+    """Raise ``ValueError`` (naming ``argument``) unless ``dataset`` has the classes, in the
+    order, the checkpoint was trained on (``recipe["classes"]``, else the count
+    ``recipe["kwargs"]["num_classes"]``; nothing known, nothing checked): label ``i`` of the
+    model must mean class ``i`` of the data, or every name drawn and every per-class AP is
+    wrong."""
+    trained = [str(c) for c in recipe.get("classes") or []]
+    num_trained = recipe.get("kwargs", {}).get("num_classes", len(trained) or None)
+    names = [str(c) for c in getattr(dataset, "classes", None) or []]
+    num_data = getattr(dataset, "num_classes", len(names) or None)
+    if num_trained is not None and num_data is not None and num_trained != num_data:
+        raise ValueError(
+            f"{argument}: {spec!r} has {num_data} classes {names} but the checkpoint's "
+            f"model predicts {num_trained} (recipe.classes {trained}); evaluate on data with the "
+            "classes it was trained on"
+        )
+    if trained and names and trained != names:
+        how = (
+            "the same classes in another order"
+            if sorted(trained) == sorted(names)
+            else "other classes"
+        )
+        raise ValueError(
+            f"{argument}: {spec!r} has {how} than the checkpoint: {names} vs "
+            f"recipe.classes {trained}; label i must be the same class in both (labels follow "
+            "the order of the JSON's 'categories'), so reorder them or use the training data"
+        )
+
+
+def mmdet_classes(meta: Mapping) -> list[str]:
+    """The class names an mmdetection checkpoint's ``meta`` records: 3.x's
+    ``dataset_meta["classes"]`` or 2.x's ``CLASSES`` (``[]`` when neither is there)."""
+    classes = (meta.get("dataset_meta") or {}).get("classes") or meta.get("CLASSES") or []
+    return [str(c) for c in classes]
+
+
+def _check_mmdet_head(meta: Mapping, recipe: str) -> None:
+    """Refuse a checkpoint whose config text builds another dense recipe's head."""
+    text = meta.get("cfg") or meta.get("config")
+    if recipe not in _MMDET_HEADS or not isinstance(text, str):
+        return
+    # `type='PAAHead'` (a config file's text) or `'type': 'PAAHead'` (a dict's repr)
+    heads = set(re.findall(r"\btype['\"]?\s*[=:]\s*['\"](\w+Head)['\"]", text))
+    known = sorted(heads & set(_MMDET_HEADS.values()))
+    if known and _MMDET_HEADS[recipe] not in known:
+        other = next(k for k, v in _MMDET_HEADS.items() if v == known[0])
+        raise ValueError(
+            f"checkpoint: its config builds mmdetection's {known[0]} (labkit's {other!r}), not "
+            f"the {_MMDET_HEADS[recipe]} of {recipe!r}"
+        )
+
+
+def _mmdet_guess(state: Mapping) -> str:
+    for prefix, name in _MMDET_SIGNATURES:
+        if any(key.startswith(prefix) for key in state):
+            return name
+    return _UNKNOWN
+
+
+def load_mmdet_model(
+    checkpoint: str | os.PathLike | Mapping, recipe: str
+) -> tuple[nn.Module, list]:
+    """Convert an mmdetection checkpoint (a path or a loaded dict) to labkit recipe ``recipe``.
+
+    Besides :func:`labkit.convert.from_mmdet`'s key checks, refuses a checkpoint whose config
+    text builds another dense head (an ATSS given as PAA: the two share every key name), and
+    says what a checkpoint of another architecture looks like.
+
+    Returns:
+        ``(model, classes)``: the model in eval mode (e.g. a ``SingleStageDetector`` whose
+        ``forward(img: Tensor[B, 3, H, W])`` gives the head outputs per level) and the class
+        names its ``meta`` records (``[]`` when none).
+
+    Raises:
+        ValueError / TypeError / OSError: starting ``checkpoint:`` (or the recipe argument
+            :func:`~labkit.convert.from_mmdet` names), saying what is wrong.
+    """
+    from labkit.convert import from_mmdet, load_mmdet_state
+
+    state, meta = load_mmdet_state(checkpoint)
+    _check_mmdet_head(meta, recipe)
+    try:
+        model = from_mmdet({"meta": meta, "state_dict": state}, recipe)
+    except ValueError as err:
+        guess = _mmdet_guess(state)
+        if recipe in guess.split(" or "):
+            raise
+        raise ValueError(f"{err} (its keys look like mmdetection's {guess})") from err
+    return model, mmdet_classes(meta)
+
+
+def labkit_checkpoint(path: str | os.PathLike, recipes: Mapping | None = None) -> dict:
+    """A checkpoint saved by ``labkit train`` (or the zoo), read and verified with
+    :func:`labkit.engine.checkpoint.load_checkpoint`; its ``recipe`` must name one of
+    ``recipes`` (default ``labkit.recipes.RECIPES``).
+
+    Returns:
+        The checkpoint dict: ``model`` (the state dict), ``recipe`` (``name``, ``kwargs``,
+        ``data``, ``image_size``, ``classes``), ...
+    """
+    from labkit.engine.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    recipe = ckpt.get("recipe") or {}
+    if "name" not in recipe:
+        raise _no_recipe(path)
+    if recipe["name"] not in _recipes(recipes):
+        raise ValueError(f"checkpoint: its model {recipe['name']!r} is not a known recipe")
+    return ckpt
+
+
+def _no_recipe(path: str | os.PathLike) -> ValueError:
+    return ValueError(
+        f"checkpoint: {os.fspath(path)} stores no model recipe (saved outside `labkit train` "
+        "without recipe=...); load it in Python with labkit.engine.checkpoint.load_checkpoint"
+    )
+
+
+def _recipes(recipes: Mapping | None) -> Mapping:
+    if recipes is not None:
+        return recipes
+    from labkit.recipes import RECIPES
+
+    return RECIPES
+
+
+def build_recipe_model(ckpt: Mapping, recipes: Mapping | None = None) -> nn.Module:
+    """The model of a :func:`labkit_checkpoint`: its recipe built with the recorded arguments,
+    its weights loaded (float16 zoo weights into the float32 model), in eval mode."""
+    from labkit.engine.checkpoint import load_model_state
+
+    recipe = ckpt["recipe"]
+    model = _recipes(recipes)[recipe["name"]].build(**recipe.get("kwargs", {}))
+    load_model_state(model, ckpt["model"])
+    return model.eval()
+
+
+def _zoo_entry(zoo_name: str) -> Any:
+    from labkit.zoo import ZOO
+
+    if zoo_name not in ZOO:
+        raise ValueError(f"zoo_name: expected one of {sorted(ZOO)}, got {zoo_name!r}")
+    return ZOO[zoo_name]
+
+
+def _peek(path: str) -> Any:
+    """``torch.load`` of ``path`` without reading the tensors (memory-mapped where possible)."""
+    import zipfile
+
+    import torch
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint: no file at {path!r}{_where(path)}")
+    try:  # torch's legacy (non-zip) format cannot be memory-mapped
+        return torch.load(
+            path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
+        )
+    except Exception as err:  # pickled objects beyond tensors, not a torch file, ...
+        raise ValueError(
+            f"checkpoint: torch.load(weights_only=True) could not read {path!r}: {err}"
+        ) from err
+
+
+def _is_labkit(raw: Any) -> bool:
+    return isinstance(raw, Mapping) and ("recipe" in raw or "model" in raw)
+
+
+def checkpoint_recipe(
+    zoo_name: str,
+    checkpoint: str | os.PathLike | None = None,
+    recipe: str | None = None,
+    seed: int = 0,
+) -> dict:
+    """What a checkpoint says about its model and data, as ``labkit train`` records it, and
+    whether it fits the analysis of zoo model ``zoo_name`` (its recipe, or ``recipe``).
+
+    ``checkpoint=None`` reads the zoo's own file (``zoo_name``, ``seed``). A labkit checkpoint
+    must hold the expected recipe; an mmdetection one (anything without a labkit ``recipe`` or
+    ``model`` entry) is taken as that recipe, with the classes its ``meta`` records.
+
+    Returns:
+        ``{"name", "kwargs", "classes", "data", "image_size", "format"}``: ``format`` is
+        ``"labkit"`` or ``"mmdet"``; for mmdetection ``data`` and ``image_size`` are ``None``
+        and ``kwargs`` is empty (the class count is known once converted).
+    """
+    entry = _zoo_entry(zoo_name)
+    expected = recipe or entry.recipe
+    if checkpoint is None:
+        if expected != entry.recipe:
+            raise ValueError(
+                f"recipe: {recipe!r} needs a checkpoint; the zoo's {zoo_name!r} is {entry.recipe!r}"
+            )
+        from labkit import zoo
+
+        path = os.fspath(zoo.zoo_dir() / zoo.manifest_row(zoo_name, seed)["file"])
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"zoo_name: {zoo_name!r} seed {seed}: {path} is missing (git lfs? a partial "
+                f"checkout?); restore it or pass checkpoint=..."
+            )
+    else:
+        path = os.fspath(checkpoint)
+    raw = _peek(path)
+    if not isinstance(raw, Mapping):
+        raise TypeError(f"checkpoint: {path} holds a {type(raw).__name__}, not a checkpoint dict")
+    if not _is_labkit(raw):
+        from labkit.convert import MMDET_RECIPES
+
+        if expected not in MMDET_RECIPES:
+            raise ValueError(f"recipe: no mmdetection conversion for {expected!r}")
+        meta = raw.get("meta") if "state_dict" in raw else None
+        meta = meta if isinstance(meta, Mapping) else {}
+        # what the meta and the key names show, before the weights are read
+        _check_mmdet_head(meta, expected)
+        guess = _mmdet_guess(raw.get("state_dict", raw))
+        if guess != _UNKNOWN and expected not in guess.split(" or "):
+            raise ValueError(
+                f"checkpoint: its keys look like mmdetection's {guess}, but this analysis needs "
+                f"{expected!r} (the zoo's {zoo_name!r})"
+            )
+        return {
+            "name": expected,
+            "kwargs": {},
+            "classes": mmdet_classes(meta),
+            "data": None,
+            "image_size": None,
+            "format": "mmdet",
+        }
+    found = (raw.get("recipe") or {}).get("name")
+    if found is None:
+        raise _no_recipe(path)
+    if found != expected:
+        raise ValueError(
+            f"checkpoint: {path} holds a labkit {found!r} model, but this analysis needs "
+            f"{expected!r} (the zoo's {zoo_name!r})"
+        )
+    return {**raw["recipe"], "format": "labkit"}
+
+
+def trained_model(
+    zoo_name: str,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    recipe: str | None = None,
+    device: Any = "cpu",
+    seed: int = 0,
+) -> nn.Module:
+    """The trained model a lesson analyses: zoo model ``zoo_name`` (``seed``), or ``checkpoint``.
+
+    Args:
+        zoo_name: the zoo entry the lesson uses (``"atss"``, ``"paa"``, ``"fcos"``, ...); its
+            recipe is what the analysis needs.
+        checkpoint: ``None`` for the zoo's file (hash-checked, :func:`labkit.zoo.load`); a
+            labkit checkpoint (``labkit train``), which must hold that recipe; or an
+            mmdetection 3.x checkpoint, converted by :func:`labkit.convert.from_mmdet`.
+        recipe: the labkit recipe the checkpoint must hold (default: the zoo entry's), e.g.
+            ``"retinanet"`` for notebook 01's pipeline figure, which any anchor head can draw.
+        device: where the model goes.
+
+    Returns:
+        The model in eval mode on ``device``: a detector whose ``forward(img: Tensor[B, 3, H,
+        W])`` (ImageNet-normalized RGB) gives the head outputs per level.
+
+    Raises:
+        FileNotFoundError: ``checkpoint`` is not a file (the message says the working directory).
+        ValueError: starting ``checkpoint:`` for another recipe's checkpoint (a FCOS given to
+            PAA's analysis, an ATSS whose config says so), unmapped keys or an unreadable file.
+    """
+    info = checkpoint_recipe(zoo_name, checkpoint, recipe, seed)
+    if checkpoint is None:
+        from labkit import zoo
+
+        return zoo.load(zoo_name, seed=seed, device=device)
+    path = os.fspath(checkpoint)
+    if info["format"] == "labkit":
+        model = build_recipe_model(labkit_checkpoint(path))
+    else:
+        model, _ = load_mmdet_model(_peek(path), info["name"])
+    return model.to(device).eval()
+
+
+def _analysis_data(
+    zoo_name: str,
+    data: str | None,
+    checkpoint: str | os.PathLike | None,
+    recipe: str | None,
+    seed: int,
+) -> tuple[Any, tuple[int, int]]:
+    info = checkpoint_recipe(zoo_name, checkpoint, recipe, seed)
+    spec = data if data is not None else info.get("data")
+    if spec is None:
+        raise ValueError(
+            "data: an mmdetection checkpoint names no data; pass data='PATH.json[:IMG_DIR]' "
+            "(COCO format, e.g. 'annotations/instances_val2017.json:val2017/')"
+        )
+    image_size = tuple(info.get("image_size") or MMDET_TEST_SIZE)
+    dataset = build_dataset(spec, "val", image_size, argument="data")
+    check_classes(info, dataset, spec, argument="data")
+    return dataset, image_size
+
+
+def analysis_dataset(
+    zoo_name: str,
+    data: str | None = None,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    recipe: str | None = None,
+    seed: int = 0,
+) -> Any:
+    """The images a lesson analyses its trained model on (test transforms, ``val`` split).
+
+    ``data`` is a ``labkit train --data`` spec (``PATH.json[:IMG_DIR]`` for COCO-format data);
+    ``None`` means the data the checkpoint (by default the zoo's: the shapes val split) was
+    trained on, which an mmdetection checkpoint does not name. Images are resized to the
+    checkpoint's recorded image size (the zoo's 512 x 512), mmdetection's to ``(800, 1333)``
+    limits. The classes must be the checkpoint's (names and order, or at least their count),
+    and the checkpoint must hold the analysis's recipe (the zoo entry's, or ``recipe``).
+
+    Returns:
+        A ``CocoDetection``: items with ``img: Tensor[3, H, W]`` (normalized, padded),
+        ``gt_bboxes: Tensor[K, 4]``, ``gt_labels: LongTensor[K]``; ``.classes`` names the
+        labels (COCO's 80 for ``instances_val2017.json``).
+    """
+    return _analysis_data(zoo_name, data, checkpoint, recipe, seed)[0]
+
+
+@dataclass
+class AnalysisSample:
+    """One image for a lesson's analysis, ready to draw and to run.
+
+    Attributes:
+        item: the image as a dataset item before normalization: ``img: Tensor[3, H, W]`` in
+            0-255, ``gt_bboxes: Tensor[K, 4]`` xyxy pixels, ``gt_labels: LongTensor[K]``,
+            ``img_meta`` (``img_shape`` is ``(H, W)``).
+        batch: the same image collated for the model (normalized, padded: ``img: Tensor[1, 3,
+            H', W']``, ``padding_mask``, ``img_metas``, ``gt_bboxes``, ``gt_labels``).
+        classes: the class names of the labels.
+        name: a title for it (``"shapes sample 0"``, ``"image 3: 000000000632.jpg"``).
+    """
+
+    item: dict
+    batch: dict
+    classes: list[str]
+    name: str
+
+
+def analysis_sample(
+    zoo_name: str,
+    data: str | None = None,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    recipe: str | None = None,
+    index: int = 0,
+    seed: int = 0,
+) -> AnalysisSample:
+    """The image notebook 02 runs every assigner on: by default (no ``checkpoint``, no
+    ``data``) the shapes sample drawn from ``index`` at 512 x 512 (``shapes_sample``);
+    otherwise image ``index`` of :func:`analysis_dataset` (``data`` or the checkpoint's own).
+    ``item`` and ``batch`` hold the same resized image, so their boxes agree."""
+    from labkit.data import SHAPES_CLASSES, collate, shapes_sample, test_transforms
+    from labkit.data.transforms import Compose, Resize, ToTensor
+
+    if checkpoint is None and data is None:
+        checkpoint_recipe(zoo_name, None, recipe, seed)  # the zoo entry exists
+        test = test_transforms((512, 512))
+        return AnalysisSample(
+            item=shapes_sample(seed=index),
+            batch=collate([shapes_sample(seed=index, transforms=test)]),
+            classes=list(SHAPES_CLASSES),
+            name=f"shapes sample {index}",
+        )
+    dataset, image_size = _analysis_data(zoo_name, data, checkpoint, recipe, seed)
+    raw = Compose([Resize(image_size, keep_ratio=True), ToTensor()])(dataset.load_item(index))
+    return AnalysisSample(
+        item=raw,
+        batch=collate([dataset[index]]),
+        classes=list(dataset.classes),
+        name=f"image {index}: {raw['img_meta']['file_name']}",
+    )
+
+
+def describe_trained(
+    zoo_name: str, checkpoint: str | os.PathLike | None = None, seed: int = 0
+) -> str:
+    """One line naming the model :func:`trained_model` returns, e.g. ``"zoo paa seed 0: 0.181
+    COCO AP on shapes val"`` or ``"paa_r50_fpn_1x_coco_20200821-936edec3.pth: an mmdetection
+    checkpoint as labkit's 'paa'"``."""
+    if checkpoint is None:
+        from labkit import zoo
+
+        ap = zoo.manifest_row(zoo_name, seed)["AP"]
+        return f"zoo {zoo_name} seed {seed}: {ap:.3f} COCO AP on shapes val"
+    info = checkpoint_recipe(zoo_name, checkpoint, None, seed)
+    kind = "a labkit" if info["format"] == "labkit" else "an mmdetection"
+    return (
+        f"{os.path.basename(os.fspath(checkpoint))}: {kind} checkpoint as labkit's {info['name']!r}"
+    )
