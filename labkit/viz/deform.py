@@ -23,6 +23,7 @@ __all__ = [
     "plot_initial_offsets",
     "plot_offset_scaling",
     "plot_query_sampling",
+    "plot_sampling_statistics",
     "query_explorer",
 ]
 
@@ -298,6 +299,59 @@ def query_explorer(image: Tensor, capture: dict, batch_index: int = 0, **plot_kw
             "query": widgets.Dropdown(options=options, value=order[0], description="query")
         },
     )
+
+
+def plot_sampling_statistics(
+    stats_by_model: dict[str, dict[str, Tensor]], num_points: int, axes: Any = None
+) -> Any:
+    """Three panels comparing models' decoder sampling (see
+    :func:`labkit.lessons.deform_analysis.sampling_statistics`): the mean share of attention
+    weight per level (bars; dashed: uniform ``1 / L``), the distribution of each query's largest
+    weight (dashed: uniform ``1 / (L * P)``), and of the weight on points inside the query's own
+    predicted box.
+
+    Args:
+        stats_by_model: model name -> statistics (``level_share`` Tensor[N, L], ``max_weight``
+            Tensor[N], ``inside_box`` Tensor[N]).
+        num_points: sampling points per level and head (``P``), for the uniform reference.
+        axes: three matplotlib axes (default: a new 1 x 3 figure).
+
+    Returns:
+        The three axes.
+    """
+    import matplotlib.pyplot as plt
+
+    if axes is None:
+        axes = plt.subplots(1, 3, figsize=(13.0, 3.6), layout="constrained")[1]
+    names = list(stats_by_model)
+    colors = plt.get_cmap("tab10")(np.arange(len(names)))
+    num_levels = next(iter(stats_by_model.values()))["level_share"].shape[1]
+    width = 0.8 / len(names)
+    for i, (name, color) in enumerate(zip(names, colors, strict=True)):
+        share = stats_by_model[name]["level_share"].mean(0).numpy()
+        axes[0].bar(np.arange(num_levels) + (i - (len(names) - 1) / 2) * width, share, width,
+                    color=color, label=name)  # fmt: skip
+    axes[0].axhline(1 / num_levels, color="0.3", ls="--", lw=1, label="uniform")
+    axes[0].set_xticks(np.arange(num_levels), [f"level {lvl}" for lvl in range(num_levels)])
+    axes[0].set_ylabel("mean share of a query's weight")
+    axes[0].set_title("weight per level")
+    axes[0].legend(fontsize=8)
+    for ax, key, title, ref in (
+        (axes[1], "max_weight", "largest single weight of a query", 1 / (num_levels * num_points)),
+        (axes[2], "inside_box", "weight inside the query's own box", None),
+    ):
+        bins = np.linspace(0, 1, 26)
+        for name, color in zip(names, colors, strict=True):
+            values = stats_by_model[name][key].numpy()
+            label = f"{name} (mean {values.mean():.2f})"
+            ax.hist(values, bins=bins, color=color, alpha=0.55, label=label)
+        if ref is not None:
+            ax.axvline(ref, color="0.3", ls="--", lw=1, label=f"uniform {ref:.3f}")
+        ax.set_xlabel(key.replace("_", " "))
+        ax.set_ylabel("queries")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    return axes
 
 
 def plot_attention_cost(
