@@ -8,6 +8,8 @@ key names and shapes (never the weights), the seeds, the input shape, the raw he
 per level, the final detections of mmdetection's own post-processing (its ``test_cfg`` is
 stored too), the config and the mmdet / mmengine / mmcv / torch versions.
 ``tests/test_convert_mmdet.py`` rebuilds the weights, converts them and compares.
+(``co_deformable_detr.pt`` comes from ``benchmarks/codetr_fixtures.py``: Co-DETR runs on its
+own mmdetection 2.x and mmcv 1.x, in another throwaway environment.)
 
 Deformable-DETR cases (``deformable_detr``, ``deformable_detr_refine``,
 ``deformable_detr_refine_twostage``: the three shipped configs) use 20 queries and keep 30
@@ -22,11 +24,13 @@ padding masks, valid ratios and masked proposals are exercised too.
 RepPoints cases store the head's training-mode outputs (class logits, init and refined points
 per level; the head's ``training`` flag is set for that call only, it changes nothing but what
 ``forward`` returns) and its eval-mode pseudo boxes (``pseudo_bboxes``). ``reppoints`` is the
-shipped ``reppoints-moment_r50_fpn_1x_coco`` (no GroupNorm); ``reppoints_minmax_gn_head`` is
-the shipped ``reppoints-minmax_r50_fpn-gn_head-gn_1x_coco`` with its FPN's GroupNorm removed
-(labkit's FPN has none), so the GroupNorm towers and another transform are exercised. The
-``reppoints`` fixture also lists, under ``refused``, how the key names and shapes of two
-shipped configs labkit refuses differ from its own (a GroupNorm FPN; grid points).
+shipped ``reppoints-moment_r50_fpn_1x_coco`` (no GroupNorm); ``reppoints_gn_neck_head`` the
+shipped ``reppoints-moment_r50_fpn-gn_head-gn_1x_coco`` unchanged (the zoo's "gn-neck+head":
+GroupNorm after every FPN conv and in the head towers); ``reppoints_minmax_gn_head`` is the
+shipped ``reppoints-minmax_r50_fpn-gn_head-gn_1x_coco`` with its FPN's GroupNorm removed, so
+the GroupNorm towers under a plain FPN and another transform are exercised. The
+``reppoints`` fixture also lists, under ``refused``, how the key names and shapes of a
+shipped config labkit refuses differ from its own (grid points, with a GroupNorm FPN).
 
 Run it in a throwaway environment, never in labkit's own (``.venv`` is reused for torch):
 
@@ -107,19 +111,22 @@ CASES = {
 # case -> (recipe, shipped config, from_mmdet kwargs, changes to it under cfg.model): a shipped
 # config changed only where labkit has no counterpart
 VARIANT_CASES = {
+    "reppoints_gn_neck_head": (
+        "reppoints",
+        "reppoints/reppoints-moment_r50_fpn-gn_head-gn_1x_coco.py",
+        {},  # fpn_norm and norm come from the keys
+        {},  # the shipped config as it is
+    ),
     "reppoints_minmax_gn_head": (
         "reppoints",
         "reppoints/reppoints-minmax_r50_fpn-gn_head-gn_1x_coco.py",
         {"transform": "minmax"},  # no key tells minmax from partial_minmax
-        {"neck.norm_cfg": None},  # labkit's FPN has no GroupNorm
+        {"neck.norm_cfg": None},  # GroupNorm towers under a plain FPN
     ),
 }
 # case -> shipped configs labkit refuses, whose key differences the case's fixture lists
 REFUSED = {
-    "reppoints": (
-        "reppoints/reppoints-moment_r50_fpn-gn_head-gn_1x_coco.py",  # GroupNorm FPN
-        "reppoints/reppoints-bbox_r50_fpn-gn_head-gn-grid_1x_coco.py",  # grid points
-    ),
+    "reppoints": ("reppoints/reppoints-bbox_r50_fpn-gn_head-gn-grid_1x_coco.py",),  # grid points
 }
 # case -> (config, labkit from_mmdet kwargs, img_shape inside INPUT_SHAPE); recipe deformable_detr
 DETR_QUERIES = 20

@@ -337,6 +337,7 @@ def reppoints(
     *,
     transform: str = "moment",
     norm: str | None = None,
+    fpn_norm: str | None = None,
     fpn_channels: int | None = None,
     feat_channels: int | None = None,
     stacked_convs: int | None = None,
@@ -344,6 +345,14 @@ def reppoints(
 ) -> SingleStageDetector:
     """RepPoints detector (mmdetection's ``reppoints-moment_r50_fpn_1x``): backbone (C3-C5) +
     FPN P3-P7 (P6 from C5) + ``RepPointsHead`` (3 tower convs for ResNets, 2 for "tiny").
+
+    Args:
+        transform: points -> pseudo box, ``"moment"``, ``"minmax"`` or ``"partial_minmax"``.
+        norm: ``"gn"``: GroupNorm in the head towers (the "gn-head" configs), else ``None``.
+        fpn_norm: ``"gn"``: GroupNorm (32 groups) after every FPN conv, whose bias goes (the
+            "gn-neck" configs, e.g. ``reppoints-moment_r50_fpn-gn_head-gn_1x`` with
+            ``norm="gn"``); ``None`` (default): a plain FPN.
+        fpn_channels, feat_channels, stacked_convs, test_cfg: as :func:`retinanet`.
 
     Returns:
         A ``SingleStageDetector`` with ``model.recipe == ("reppoints", {...kwargs})``.
@@ -367,6 +376,7 @@ def reppoints(
         ),
         stacked_convs=stacked_convs,  # ResNets: 3 tower convs
         add_extra_convs="on_input",
+        fpn_norm=fpn_norm,
     )
 
 

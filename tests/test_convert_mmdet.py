@@ -1,17 +1,20 @@
-"""``labkit.convert.from_mmdet`` against mmdetection 3.3.0's own outputs (stored fixtures).
+"""``labkit.convert.from_mmdet`` against mmdetection 3.3.0's and Co-DETR's own outputs (fixtures).
 
 Each ``tests/fixtures/mmdet/<case>.pt`` (written by ``benchmarks/mmdet_fixtures.py`` with
-mmdetection installed) holds an mmdetection model's key names and shapes, the seed of its
-stand-in weights, and what that model computed on a seeded input: head outputs per level (per
-decoder layer for Deformable-DETR, plus the two-stage encoder proposals; for RepPoints the
-class logits, init and refined points, and pseudo boxes) and detections after its own
-post-processing. Here the weights are rebuilt with the same ``seeded_state_dict``,
-converted, and labkit must compute the same numbers.
+mmdetection installed, ``co_deformable_detr.pt`` by ``benchmarks/codetr_fixtures.py`` with
+Sense-X/Co-DETR's own code on mmdetection 2.25 / mmcv 1.7) holds the model's key names and
+shapes, the seed of its stand-in weights, and what that model computed on a seeded input: head
+outputs per level (per decoder layer for Deformable-DETR and Co-DETR, plus the two-stage
+encoder proposals; for RepPoints the class logits, init and refined points, and pseudo boxes;
+for Co-DETR also its auxiliary heads' outputs on the encoder maps) and detections after its own
+post-processing. Here the weights are rebuilt with the same ``seeded_state_dict``, converted,
+and labkit must compute the same numbers.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 
 import pytest
@@ -24,7 +27,14 @@ from labkit.heads.roi_extractor import bbox2roi
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mmdet"
 WITH_FIXTURE = sorted(p.stem for p in FIXTURES.glob("*.pt"))
-DETR_CASES = [c for c in WITH_FIXTURE if c.startswith("deformable_detr")]
+# case -> (with_box_refine, as_two_stage, mixed_selection) of the fixture's model
+DETR_SETTINGS = {
+    "deformable_detr": (False, False, False),
+    "deformable_detr_refine": (True, False, False),
+    "deformable_detr_refine_twostage": (True, True, False),
+    "co_deformable_detr": (True, True, True),
+}
+DETR_CASES = [c for c in WITH_FIXTURE if c in DETR_SETTINGS]
 DENSE_CASES = [c for c in WITH_FIXTURE if c not in DETR_CASES and c != "faster_rcnn"]
 REPPOINTS_CASES = [c for c in WITH_FIXTURE if c.startswith("reppoints")]
 RTOL = 1e-4
@@ -76,11 +86,9 @@ def assert_detections_close(actual: dict, expected: dict) -> None:
 
 
 def test_there_are_fixtures():
-    # Co-DETR is not in mmdetection's package: its map is checked below without a fixture
-    with_fixture = set(MMDET_RECIPES) - {"co_deformable_detr"}
-    assert {fixture(case)["recipe"] for case in WITH_FIXTURE} == with_fixture
-    assert len(DETR_CASES) == 3
-    assert REPPOINTS_CASES == ["reppoints", "reppoints_minmax_gn_head"]
+    assert {fixture(case)["recipe"] for case in WITH_FIXTURE} == set(MMDET_RECIPES)
+    assert DETR_CASES == sorted(DETR_SETTINGS)
+    assert REPPOINTS_CASES == ["reppoints", "reppoints_gn_neck_head", "reppoints_minmax_gn_head"]
 
 
 @pytest.mark.parametrize("recipe", DENSE_CASES)
@@ -102,9 +110,15 @@ def test_reppoints_settings_and_pseudo_boxes_equal_mmdet(case):
     # the dense test above compares these outputs per level, and the detections
     f = fixture(case)
     assert list(f["outputs"]) == ["cls_scores", "pts_preds_init", "pts_preds_refine"]
-    head = converted(case).head
-    minmax = case == "reppoints_minmax_gn_head"  # GroupNorm towers, minmax transform
-    assert (head.transform, head.norm) == (("minmax", "gn") if minmax else ("moment", None))
+    model = converted(case)
+    head = model.head
+    settings = {  # case -> (transform, head norm, FPN norm)
+        "reppoints": ("moment", None, None),
+        "reppoints_gn_neck_head": ("moment", "gn", "gn"),  # the zoo's "gn-neck+head"
+        "reppoints_minmax_gn_head": ("minmax", "gn", None),
+    }
+    assert (head.transform, head.norm, model.neck.norm) == settings[case]
+    assert model.recipe[1]["fpn_norm"] == settings[case][2]
     assert head.stacked_convs == 3 and head.strides == [8, 16, 32, 64, 128]
     with torch.no_grad():
         _, _, pts_refine = converted(case)(inputs(case)[0])
@@ -154,37 +168,81 @@ def refused_reppoints(config: str, only: str = "") -> dict[str, torch.Tensor]:
 
 
 def test_unsupported_reppoints_configs_are_refused():
-    # the zoo's "gn-neck+head" checkpoints: labkit's FPN has no GroupNorm
-    gn = "reppoints/reppoints-moment_r50_fpn-gn_head-gn_1x_coco.py"
-    with pytest.raises(
-        ValueError,
-        match=r"checkpoint: its FPN has norm layers \(16 keys: neck\.fpn_convs\.0\.gn\.bias,"
-        r".*'gn-neck\+head' configs\); labkit's FPN has none",
-    ):
-        from_mmdet(refused_reppoints(gn), "reppoints")
-    # ... while that config's GroupNorm head alone converts
-    assert from_mmdet(refused_reppoints(gn, only="bbox_head."), "reppoints").head.norm == "gn"
     grid = "reppoints/reppoints-bbox_r50_fpn-gn_head-gn-grid_1x_coco.py"
-    with pytest.raises(ValueError, match="checkpoint: its FPN has norm layers"):
-        from_mmdet(refused_reppoints(grid), "reppoints")
     with pytest.raises(
         ValueError,
         match=r"checkpoint: its RepPoints head has use_grid_points=True \(the "
         r"'reppoints-bbox-...-grid' configs",
     ):
-        from_mmdet(refused_reppoints(grid, only="bbox_head."), "reppoints")
-    # what no key shows, from the config text
-    meta = {"cfg": "norm_cfg = dict(type='GN', num_groups=16, requires_grad=True)"}
+        from_mmdet(refused_reppoints(grid), "reppoints")
+    # ... while that config's GroupNorm FPN (and head) are what labkit computes
+    gn_fpn = refused_reppoints(grid, only="neck.")
+    assert from_mmdet(gn_fpn, "reppoints").neck.norm == "gn"
+    # what no key shows, from the config text (GroupNorm towers under a plain FPN)
+    gn_head = {"meta": {"cfg": "norm_cfg = dict(type='GN', num_groups=16, requires_grad=True)"}}
+    gn_head["state_dict"] = mmdet_state("reppoints_minmax_gn_head")
     with pytest.raises(
         ValueError, match=r"its RepPoints head has GroupNorm with num_groups=\[16\] in its config"
     ):
-        from_mmdet({"meta": meta, "state_dict": refused_reppoints(gn, "bbox_head.")}, "reppoints")
+        from_mmdet(gn_head, "reppoints", transform="minmax")
     meta = {"cfg": "bbox_head=dict(type='RepPointsHead', center_init=False)"}
     with pytest.raises(ValueError, match="its RepPoints head has center_init=False"):
         from_mmdet({"meta": meta, "state_dict": mmdet_state("reppoints")}, "reppoints")
     meta = {"cfg": "bbox_head=dict(type='RepPointsHead', use_grid_points=True)"}
     with pytest.raises(ValueError, match="its RepPoints head has use_grid_points=True"):
         from_mmdet({"meta": meta, "state_dict": mmdet_state("reppoints")}, "reppoints")
+
+
+def test_fpn_norm_comes_from_the_checkpoint_and_odd_fpn_norms_are_refused():
+    gn = mmdet_state("reppoints_gn_neck_head")
+    with pytest.raises(ValueError, match="fpn_norm: the checkpoint has fpn_norm='gn', got None"):
+        from_mmdet(gn, "reppoints", fpn_norm=None)
+    with pytest.raises(ValueError, match="fpn_norm: the checkpoint has fpn_norm=None, got 'gn'"):
+        from_mmdet(mmdet_state("reppoints"), "reppoints", fpn_norm="gn")
+    # a GroupNorm of another group count, from the FPN's own config (the head has none)
+    neck_only = {k: v for k, v in gn.items() if not re.match(r"bbox_head\.\w+_convs\.\d+\.gn", k)}
+    neck_only = neck_only | {
+        k.replace(".conv.weight", ".conv.bias"): torch.zeros(v.shape[0])
+        for k, v in gn.items()
+        if re.match(r"bbox_head\.\w+_convs\.\d+\.conv\.weight", k)
+    }
+    assert from_mmdet(neck_only, "reppoints").head.norm is None
+    meta = {"cfg": "neck=dict(type='FPN', norm_cfg=dict(type='GN', num_groups=8))"}
+    with pytest.raises(
+        ValueError,
+        match=r"its FPN has GroupNorm with num_groups=\[8\] in its config; labkit's FPN has "
+        r"no norm or a 32-group GroupNorm after every conv",
+    ):
+        from_mmdet({"meta": meta, "state_dict": neck_only}, "reppoints")
+    # mmdetection's no_norm_on_lateral=True: the laterals keep their bias and have no norm
+    lateral_bare = {k: v for k, v in gn.items() if not k.startswith("neck.lateral_convs.")}
+    for k, v in gn.items():
+        if m := re.match(r"(neck\.lateral_convs\.\d+)\.conv\.weight$", k):
+            lateral_bare[k] = v
+            lateral_bare[f"{m.group(1)}.conv.bias"] = torch.zeros(v.shape[0])
+    with pytest.raises(
+        ValueError,
+        match=r"its FPN has a norm after some convs only \(3 convs without one: "
+        r"neck\.lateral_convs\.0, neck\.lateral_convs\.1, neck\.lateral_convs\.2; "
+        r"no_norm_on_lateral=True\?\)",
+    ):
+        from_mmdet(lateral_bare, "reppoints")
+    batch_norm = {k.replace(".gn.", ".bn."): v for k, v in gn.items()}
+    with pytest.raises(ValueError, match=r"its FPN has norm layers other than GroupNorm \(8 "):
+        from_mmdet(batch_norm, "reppoints")
+    # recipes without fpn_norm refuse a GroupNorm FPN by name
+    retina = mmdet_state("retinanet")
+    for k in [k for k in retina if re.match(r"neck\.\w+_convs\.\d+\.conv\.bias$", k)]:
+        channels = retina.pop(k).shape[0]
+        retina[k.replace(".conv.bias", ".gn.weight")] = torch.ones(channels)
+        retina[k.replace(".conv.bias", ".gn.bias")] = torch.zeros(channels)
+    with pytest.raises(
+        ValueError,
+        match=r"its FPN has GroupNorm layers \(8 modules: neck\.fpn_convs\.0.*'gn-neck' "
+        r"configs\); labkit's retinanet recipe has a plain FPN \(fpn_norm='gn' is a reppoints "
+        r"setting\)",
+    ):
+        from_mmdet(retina, "retinanet")
 
 
 def test_faster_rcnn_outputs_and_detections_equal_mmdet():
@@ -211,13 +269,13 @@ def test_faster_rcnn_outputs_and_detections_equal_mmdet():
 
 @pytest.mark.parametrize("case", DETR_CASES)
 def test_deformable_detr_layers_proposals_and_detections_equal_mmdet(case):
+    # co_deformable_detr: Co-DETR's query head (mixed selection, look-forward-twice), 20
+    # queries, on a 112x144 image padded to 128x160
     f = fixture(case)
     model = converted(case)
     img, batch = inputs(case)
-    assert (model.with_box_refine, model.as_two_stage) == (
-        "refine" in case,
-        "twostage" in case,
-    )
+    settings = (model.with_box_refine, model.as_two_stage, model.mixed_selection)
+    assert settings == DETR_SETTINGS[case]
     assert model.num_classes == 3 and model.num_queries == 20
     with torch.no_grad():
         out = model(img, padding_mask_of(batch))
@@ -251,81 +309,55 @@ def test_deformable_detr_settings_come_from_the_checkpoint():
         from_mmdet(state, "deformable_detr")
 
 
-# Co-DETR's (Sense-X/Co-DETR, mmdetection 2.x) key names and shapes for
-# co_deformable_detr_r50_1x_coco with 3 classes and 20 queries, written out by hand from its
-# source: CoDETR (query_head, rpn_head, roi_head[0], bbox_head[0]), CoDeformDETRHead
-# (downsample, cls/reg_branches, query_embedding), CoDeformableDetrTransformer (level_embeds,
-# enc_output, pos_trans, head_pos_embed = nn.Embedding(2, 1), aux_pos_trans, pos_feats_trans)
-# and mmcv 1.x's BaseTransformerLayer (attentions, ffns, norms).
-CODETR_KEYS = {
-    "neck.convs.2.conv.weight": (256, 2048, 1, 1),
-    "neck.extra_convs.0.gn.bias": (256,),
-    "query_head.transformer.level_embeds": (4, 256),
-    "query_head.transformer.encoder.layers.0.attentions.0.sampling_offsets.weight": (256, 256),
-    "query_head.transformer.encoder.layers.5.ffns.0.layers.0.0.weight": (2048, 256),
-    "query_head.transformer.encoder.layers.5.ffns.0.layers.1.weight": (256, 2048),
-    "query_head.transformer.encoder.layers.0.norms.1.bias": (256,),
-    "query_head.transformer.decoder.layers.0.attentions.0.attn.in_proj_weight": (768, 256),
-    "query_head.transformer.decoder.layers.0.attentions.0.attn.out_proj.weight": (256, 256),
-    "query_head.transformer.decoder.layers.3.attentions.1.attention_weights.weight": (128, 256),
-    "query_head.transformer.decoder.layers.5.norms.2.weight": (256,),
-    "query_head.transformer.enc_output.weight": (256, 256),
-    "query_head.transformer.enc_output_norm.weight": (256,),
-    "query_head.transformer.pos_trans.weight": (512, 512),
-    "query_head.transformer.pos_trans_norm.bias": (512,),
-    "query_head.transformer.head_pos_embed.weight": (2, 1),
-    "query_head.transformer.aux_pos_trans.1.weight": (512, 512),
-    "query_head.transformer.aux_pos_trans_norm.0.weight": (512,),
-    "query_head.transformer.pos_feats_trans.0.weight": (256, 256),
-    "query_head.transformer.pos_feats_norm.1.bias": (256,),
-    "query_head.query_embedding.weight": (20, 256),
-    "query_head.downsample.0.weight": (256, 256, 3, 3),
-    "query_head.downsample.1.weight": (256,),
-    "query_head.cls_branches.6.weight": (3, 256),
-    "query_head.reg_branches.6.4.weight": (4, 256),
-    "rpn_head.rpn_conv.weight": (256, 256, 3, 3),
-    "rpn_head.rpn_cls.weight": (9, 256, 1, 1),
-    "rpn_head.rpn_reg.weight": (36, 256, 1, 1),
-    "roi_head.0.bbox_head.shared_fcs.0.weight": (1024, 256 * 7 * 7),
-    "roi_head.0.bbox_head.fc_cls.weight": (4, 1024),
-    "roi_head.0.bbox_head.fc_reg.weight": (12, 1024),
-    "bbox_head.0.cls_convs.0.conv.weight": (256, 256, 3, 3),
-    "bbox_head.0.reg_convs.0.gn.weight": (256,),
-    "bbox_head.0.atss_cls.weight": (3, 256, 3, 3),
-    "bbox_head.0.atss_centerness.weight": (1, 256, 3, 3),
-    "bbox_head.0.scales.4.scale": (),
-}
-
-
-@functools.cache
-def codetr_state() -> dict[str, torch.Tensor]:
-    """Seeded weights under Co-DETR's key names, shapes from a labkit model through the map."""
-    from labkit.recipes import build_model
-
-    own = build_model("co_deformable_detr", 3, backbone="resnet50", num_queries=20).state_dict()
+def test_co_deformable_detr_key_map_is_codetrs_state_dict():
+    # the fixture lists the state dict of Co-DETR's own model (CoDETR with query_head,
+    # rpn_head, roi_head.0, bbox_head.0; mmcv 1.x transformer layers), key for key
+    f = fixture("co_deformable_detr")
     key_map = mmdet_key_map("co_deformable_detr")
-    return seeded_state_dict({mm: own[lk].shape for mm, lk in key_map.items()}, seed=3)
+    assert set(key_map) == set(f["keys"])
+    own = converted("co_deformable_detr").state_dict()
+    for key, shape in zip(f["keys"], f["shapes"], strict=True):
+        assert tuple(own[key_map[key]].shape) == tuple(shape), key
 
 
-def test_co_deformable_detr_hand_listed_keys_map_to_labkit_keys_of_their_shape():
-    key_map = mmdet_key_map("co_deformable_detr")
-    state = codetr_state()
-    for key, shape in CODETR_KEYS.items():
-        assert key in key_map, key
-        assert tuple(state[key].shape) == shape, key
+def test_co_deformable_detr_aux_heads_equal_codetr():
+    # only training runs them, but the weights they load must compute Co-DETR's function:
+    # the extra stride-128 level on the encoder memory, ATSS and the RPN on the five maps,
+    # and the RoI head (RoIAlign with finest_scale=112, shared 2-FC) on fixed RoIs that
+    # reach all four RoI levels
+    f = fixture("co_deformable_detr")
+    aux = f["aux_outputs"]
+    model = converted("co_deformable_detr")
+    img, batch = inputs("co_deformable_detr")
+    heads = {head.name: head.head for head in model.aux_heads}
+    with torch.no_grad():
+        maps = model.memory_maps(model(img, padding_mask_of(batch)))
+        atss = heads["atss"](maps)
+        rpn = heads["faster_rcnn"].rpn_head(maps)
+        cls_score, bbox_pred, _ = heads["faster_rcnn"].roi_head._bbox_forward(
+            maps, bbox2roi([aux["rois"]])
+        )
+    assert_levels_close([maps[-1]], [f["downsample"]], "downsample")
+    for name, out in zip(aux["atss"], atss, strict=True):
+        assert_levels_close(out, aux["atss"][name], f"atss {name}")
+    for name, out in zip(aux["rpn"], rpn, strict=True):
+        assert_levels_close(out, aux["rpn"][name], name)
+    assert_levels_close([cls_score], [aux["roi"]["cls_score"]], "roi cls_score")
+    assert_levels_close([bbox_pred], [aux["roi"]["bbox_pred"]], "roi bbox_pred")
 
 
-def test_co_deformable_detr_converts_every_key_and_predicts():
-    state = codetr_state()
-    model = from_mmdet(state, "co_deformable_detr")
+def test_co_deformable_detr_settings_come_from_the_checkpoint():
+    state = mmdet_state("co_deformable_detr")
+    model = from_mmdet(state, "co_deformable_detr")  # max_per_img: the recipe's 100
     assert model.num_classes == 3 and model.num_queries == 20
     assert [head.name for head in model.aux_heads] == ["faster_rcnn", "atss"]
     own = model.state_dict()
     for mm, lk in mmdet_key_map("co_deformable_detr").items():
         assert torch.equal(own[lk], state[mm].to(own[lk].dtype)), mm
-    img, batch = inputs("deformable_detr")
-    dets = model.predict(batch)[0]
+    dets = model.predict(inputs("co_deformable_detr")[1])[0]
     assert dets["boxes"].shape == (60, 4) and torch.isfinite(dets["boxes"]).all()
+    with pytest.raises(ValueError, match="num_queries: the checkpoint has num_queries=20, got 300"):
+        from_mmdet(state, "co_deformable_detr", num_queries=300)
     # a query head alone (no auxiliary heads) converts too
     plain = {
         k: v
@@ -417,14 +449,21 @@ def test_resnet101_key_map_fills_the_labkit_model():
 
 @pytest.mark.parametrize("transform", ["moment", "minmax", "partial_minmax"])
 @pytest.mark.parametrize("norm", [None, "gn"])
-def test_reppoints_key_maps_fill_the_labkit_model(norm, transform):
+@pytest.mark.parametrize("fpn_norm", [None, "gn"])
+def test_reppoints_key_maps_fill_the_labkit_model(norm, transform, fpn_norm):
     from labkit.recipes import build_model
 
-    model = build_model("reppoints", 3, backbone="resnet18", norm=norm, transform=transform)
-    key_map = mmdet_key_map("reppoints", depth=18, stacked_convs=3, norm=norm, transform=transform)
+    model = build_model(
+        "reppoints", 3, backbone="resnet18", norm=norm, transform=transform, fpn_norm=fpn_norm
+    )
+    key_map = mmdet_key_map(
+        "reppoints", depth=18, stacked_convs=3, norm=norm, transform=transform, fpn_norm=fpn_norm
+    )
     assert set(key_map.values()) == set(model.state_dict())
     with pytest.raises(ValueError, match="norm: expected None or 'gn', got 'bn'"):
         mmdet_key_map("reppoints", norm="bn")
+    with pytest.raises(ValueError, match="fpn_norm: expected None or 'gn', got 'bn'"):
+        mmdet_key_map("reppoints", fpn_norm="bn")
 
 
 def test_labkit_eval_runs_on_an_mmdet_checkpoint(tmp_path, capsys):

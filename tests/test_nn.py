@@ -187,6 +187,43 @@ def test_fpn_start_level_skips_inputs_and_validates():
         fpn(_maps([(4, 4)], [3]))
 
 
+def test_fpn_with_group_norm_by_hand():
+    # mmdetection's FPN with norm_cfg=GN: every ConvModule is conv (no bias) -> GroupNorm,
+    # laterals and extra convs included; the top-down sum adds normalized laterals
+    channels = [4, 6, 8]
+    fpn = FPN(channels, 8, num_outs=5, add_extra_convs="on_input", norm="gn", num_groups=4)
+    for conv in [*fpn.lateral_convs, *fpn.fpn_convs]:
+        assert isinstance(conv, nn.Sequential) and conv[0].bias is None
+        assert isinstance(conv[1], nn.GroupNorm) and conv[1].num_groups == 4
+    with torch.no_grad():  # non-trivial affine parameters
+        for conv in [*fpn.lateral_convs, *fpn.fpn_convs]:
+            conv[1].weight.uniform_(0.5, 1.5)
+            conv[1].bias.uniform_(-0.5, 0.5)
+    x = _maps([(9, 11), (5, 6), (3, 3)], channels, seed=2)
+    outs = fpn(x)
+
+    def conv_gn(module, t):
+        conv, gn = module[0], module[1]
+        t = F.conv2d(t, conv.weight, None, conv.stride, conv.padding)
+        return F.group_norm(t, 4, gn.weight, gn.bias, gn.eps)
+
+    lat = [conv_gn(fpn.lateral_convs[i], x[i]) for i in range(3)]
+    lat[1] = lat[1] + F.interpolate(lat[2], size=(5, 6), mode="nearest")
+    lat[0] = lat[0] + F.interpolate(lat[1], size=(9, 11), mode="nearest")
+    for i in range(3):
+        torch.testing.assert_close(outs[i], conv_gn(fpn.fpn_convs[i], lat[i]))
+    torch.testing.assert_close(outs[3], conv_gn(fpn.fpn_convs[3], x[2]))
+    torch.testing.assert_close(outs[4], conv_gn(fpn.fpn_convs[4], outs[3]))
+    # without a norm the convs stay plain Conv2d with a bias (checkpoint keys unchanged)
+    plain = FPN(channels, 8, num_outs=5, add_extra_convs="on_input")
+    assert "lateral_convs.0.bias" in plain.state_dict()
+    assert "lateral_convs.0.1.bias" in fpn.state_dict()
+    with pytest.raises(ValueError, match="norm: expected 'gn' or None, got 'bn'"):
+        FPN(channels, 8, num_outs=5, norm="bn")
+    with pytest.raises(ValueError, match="num_groups: out_channels=8 is not divisible by"):
+        FPN(channels, 8, num_outs=5, norm="gn", num_groups=3)
+
+
 def test_fpn_convs_are_xavier_initialised_with_zero_bias():
     fpn = FPN([64, 64], 64, num_outs=2)
     bound = math.sqrt(6.0 / (64 * 9 + 64 * 9))

@@ -5,7 +5,8 @@
 
 ``from_mmdet`` loads through an explicit key map per architecture (``mmdet_key_map``) and
 refuses what it cannot reproduce exactly; ``seeded_state_dict`` makes the stand-in weights
-the mmdetection conformance fixtures (``tests/fixtures/mmdet``) are built and checked with.
+the mmdetection and Co-DETR conformance fixtures (``tests/fixtures/mmdet``) are built and
+checked with.
 """
 
 from labkit.convert.mmdet import from_mmdet, load_mmdet_state

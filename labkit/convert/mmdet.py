@@ -7,11 +7,13 @@ exactly one labkit key of the same shape; anything left over on either side is a
 that lists the keys. What a state dict cannot show is checked from the checkpoint's
 ``meta`` config text when it is there (a caffe-style ResNet, FCOS's ``norm_on_bbox`` /
 ``centerness_on_reg``, Deformable-DETR's ``with_box_refine`` and two-stage ``num_queries``,
-RepPoints' ``transform_method`` / ``center_init`` / ``use_grid_points``), since those change
-the computed function without changing a key.
+RepPoints' ``transform_method`` / ``center_init`` / ``use_grid_points``, an FPN GroupNorm's
+group count), since those change the computed function without changing a key.
 
 ``co_deformable_detr`` reads Sense-X/Co-DETR's own checkpoints (mmdetection 2.x names); its
-map is written from Co-DETR's source, but, unlike the others, no test runs Co-DETR itself.
+map is written from Co-DETR's source and proven, like the others, against Co-DETR's own code
+(its mmdetection 2.25 on mmcv 1.7; ``benchmarks/codetr_fixtures.py``): the query head's
+layers, proposals and detections, and the auxiliary heads' outputs.
 
 Inputs: a converted model expects what mmdetection's pytorch-style configs feed: RGB images
 normalised with ImageNet's mean and std (``labkit.data.transforms.Normalize``'s defaults).
@@ -241,19 +243,58 @@ def _detr_settings(state: Mapping[str, Tensor], meta: Mapping, kwargs: dict, rec
     return kwargs
 
 
-def _check_fpn(state: Mapping[str, Tensor]) -> None:
-    """Refuse an FPN with norm layers (mmcv ``ConvModule``'s ``.gn`` / ``.bn``): labkit's has none."""
-    normed = [k for k in state if re.match(r"neck\.(lateral|fpn)_convs\.\d+\.(gn|bn)\.", k)]
-    if normed:
-        raise ValueError(
-            f"checkpoint: its FPN has norm layers ({_listed('keys', normed)}; mmdetection's "
-            f"'fpn-gn' / 'gn-neck+head' configs); labkit's FPN has none, so it cannot compute "
-            f"the same function"
-        )
-
-
 # `key=value` (a config file's text, as checkpoints store it) or `'key': value` (a dict's repr)
 _SET = r"['\"]?\s*[=:]\s*"
+
+
+def _fpn_settings(state: Mapping[str, Tensor], meta: Mapping, recipe: str, kwargs: dict) -> dict:
+    """``fpn_norm`` read off the FPN's keys: ``"gn"`` when every ConvModule of the FPN has a
+    ``.gn`` after its conv (mmdetection's "gn-neck" configs), else ``None``; a given setting
+    must agree. Refuses what labkit's FPN does not compute: other norms (``.bn``), a norm on
+    some convs only (``no_norm_on_lateral=True``), GroupNorm with other than 32 groups in the
+    config text, and a GroupNorm FPN for a recipe without ``fpn_norm`` (all but reppoints).
+    ``kwargs`` is updated in place and returned."""
+    convs, norms = set(), {}
+    for key in state:
+        if m := re.match(r"(neck\.(?:lateral|fpn)_convs\.\d+)\.(\w+)\.weight$", key):
+            if m.group(2) == "conv":
+                convs.add(m.group(1))
+            else:
+                norms[m.group(1)] = m.group(2)
+    found = "gn" if norms else None
+    problems = []
+    other = sorted(f"{conv}.{kind}" for conv, kind in norms.items() if kind != "gn")
+    if other:
+        problems.append(f"norm layers other than GroupNorm ({_listed('modules', other)})")
+    bare = sorted(convs - set(norms))
+    if norms and bare:
+        problems.append(
+            f"a norm after some convs only ({_listed('convs without one', bare)}; "
+            f"no_norm_on_lateral=True?)"
+        )
+    text = meta.get("cfg") or meta.get("config")
+    if norms and isinstance(text, str):
+        groups = {int(g) for g in re.findall(rf"num_groups{_SET}(\d+)", text)}
+        if groups - {32}:
+            problems.append(f"GroupNorm with num_groups={sorted(groups)} in its config")
+    if problems:
+        raise ValueError(
+            f"checkpoint: its FPN has {'; '.join(problems)}; labkit's FPN has no norm or a "
+            f"32-group GroupNorm after every conv"
+        )
+    has_setting = "fpn_norm" in inspect.signature(RECIPES[recipe].build).parameters
+    if not has_setting:
+        if found is not None:
+            raise ValueError(
+                f"checkpoint: its FPN has GroupNorm layers ({_listed('modules', sorted(norms))}; "
+                f"mmdetection's 'gn-neck' configs); labkit's {recipe} recipe has a plain FPN "
+                f"(fpn_norm='gn' is a reppoints setting), so it cannot compute the same function"
+            )
+        return kwargs
+    given = kwargs.setdefault("fpn_norm", found)
+    if given != found:
+        raise ValueError(f"fpn_norm: the checkpoint has fpn_norm={found!r}, got {given!r}")
+    return kwargs
 
 
 def _reppoints_settings(state: Mapping[str, Tensor], meta: Mapping, kwargs: dict) -> dict:
@@ -381,16 +422,18 @@ def from_mmdet(
         checkpoint: a path to an mmdetection ``.pth`` (``{"meta": ..., "state_dict": ...}``),
             such a dict, or a bare state dict ``{key: Tensor}``.
         recipe: ``"retinanet"``, ``"atss"``, ``"fcos"``, ``"paa"``, ``"foveabox"``, ``"fsaf"``,
-            ``"reppoints"`` or ``"faster_rcnn"`` (ResNet + FPN without norm layers), or
+            ``"reppoints"`` or ``"faster_rcnn"`` (ResNet + FPN without norm layers),
             ``"deformable_detr"`` (ResNet + ChannelMapper; plain, ``with_box_refine`` or
-            refine + two-stage).
+            refine + two-stage), or ``"co_deformable_detr"`` (Sense-X/Co-DETR's
+            ``co_deformable_detr_r50_1x_coco``; auxiliary heads taken from the keys).
         **recipe_kwargs: passed to ``labkit.recipes.build_model``. ``num_classes`` comes from
             the classifier's shape (``retina_cls``: ``9 * C`` outputs, ``fc_cls``: ``C + 1``)
             and ``backbone`` from the ResNet's depth unless given. For FCOS, ``norm_on_bbox``
             and ``centerness_on_reg`` must match the mmdetection config (labkit's defaults are
             the "center-normbbox-centeronreg-giou" configs; ``center_sampling`` and the GIoU
             loss only matter for training). For RepPoints, ``norm`` (GroupNorm towers or
-            none) and ``stacked_convs`` come from the keys, ``transform`` from
+            none), ``fpn_norm`` (a GroupNorm FPN or a plain one) and ``stacked_convs`` come
+            from the keys, ``transform`` from
             ``moment_transfer`` (``"moment"``) or else the config's ``transform_method``;
             without config text a ``"minmax"`` / ``"partial_minmax"`` checkpoint needs
             ``transform`` passed (their keys are the same). For Deformable-DETR, ``two_stage``,
@@ -411,8 +454,9 @@ def from_mmdet(
     Raises:
         ValueError: naming the argument, when a key is not mapped, a labkit key is left
             unfilled, a shape differs, or the keys or config show a function labkit cannot
-            compute (caffe-style ResNet, deformable convs in the backbone, a GroupNorm FPN, a
-            different FCOS setting, RepPoints' grid points or ``center_init=False``).
+            compute (caffe-style ResNet, deformable convs in the backbone, an FPN with a norm
+            other than RepPoints' 32-group GroupNorm after every conv, a different FCOS
+            setting, RepPoints' grid points or ``center_init=False``).
     """
     if recipe not in MMDET_RECIPES:
         raise ValueError(f"recipe: no mmdetection conversion for {recipe!r}; have {MMDET_RECIPES}")
@@ -424,7 +468,7 @@ def from_mmdet(
             f"num_classes: the checkpoint's classifier has {num_classes} classes, got {given}"
         )
     _check_config(meta, recipe, recipe_kwargs)
-    _check_fpn(state)
+    recipe_kwargs = _fpn_settings(state, meta, recipe, recipe_kwargs)
     if recipe == "reppoints":
         recipe_kwargs = _reppoints_settings(state, meta, recipe_kwargs)
     if recipe in _DETR_LAYOUTS:
@@ -448,6 +492,7 @@ def from_mmdet(
         num_layers=getattr(getattr(model, "decoder", None), "num_layers", 6),
         two_stage=getattr(model, "as_two_stage", False),
         aux=[head.name for head in getattr(model, "aux_heads", ())],
+        fpn_norm=getattr(model.neck, "norm", None),  # an FPN's; ChannelMapper has none
         **head_keys,
     )
     model.load_state_dict(_convert(state, model.state_dict(), key_map, recipe))

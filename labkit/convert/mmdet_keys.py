@@ -7,8 +7,10 @@ Each map is written out from the two codebases' module layouts:
   (stride on the 3x3 conv) compute the same function, see ``labkit.convert.mmdet``.
 - FPN: mmcv's ``ConvModule`` adds a ``.conv`` level (``lateral_convs.0.conv.weight``), labkit
   uses plain convs (``lateral_convs.0.weight``); indices agree (both start at
-  ``start_level``; the extra P6/P7 convs follow the used levels in ``fpn_convs``). labkit's
-  FPN has no norm layers, so a GroupNorm FPN (``lateral_convs.0.gn``) has no map.
+  ``start_level``; the extra P6/P7 convs follow the used levels in ``fpn_convs``). A
+  GroupNorm FPN (``fpn_norm="gn"``: ``lateral_convs.0.conv.weight``, ``lateral_convs.0.gn``,
+  no conv bias) maps onto labkit's ``Sequential(conv, GN)`` (``lateral_convs.0.0``,
+  ``lateral_convs.0.1``).
 - heads: ``bbox_head.`` becomes ``head.``; ConvModule towers become labkit's
   ``Sequential``/``ModuleList`` layouts (see each ``_*_head`` function). RepPoints' two
   mmcv ``DeformConv2d`` (``reppoints_cls_conv``, ``reppoints_pts_refine_conv``) hold one
@@ -81,12 +83,16 @@ def _resnet(depth: int) -> dict[str, str]:
     return {f"backbone.{n}": f"backbone.{n}" for n in names}
 
 
-def _fpn(num_ins: int, num_extra: int) -> dict[str, str]:
+def _fpn(num_ins: int, num_extra: int, norm: str | None = None) -> dict[str, str]:
+    # labkit: a plain Conv2d per ConvModule, or Sequential(conv without bias, GN) with a norm
     pairs = {}
     for kind, count in (("lateral_convs", num_ins), ("fpn_convs", num_ins + num_extra)):
         for i in range(count):
-            for p in ("weight", "bias"):
-                pairs[f"neck.{kind}.{i}.conv.{p}"] = f"neck.{kind}.{i}.{p}"
+            mm, lk = f"neck.{kind}.{i}", f"neck.{kind}.{i}"
+            if norm is None:
+                pairs |= _conv(f"{mm}.conv", lk)
+            else:
+                pairs |= _conv(f"{mm}.conv", f"{lk}.0", bias=False) | _conv(f"{mm}.gn", f"{lk}.1")
     return pairs
 
 
@@ -329,6 +335,7 @@ def mmdet_key_map(
     aux: Sequence[str] = AUX_HEADS,
     norm: str | None = None,
     transform: str = "moment",
+    fpn_norm: str | None = None,
 ) -> dict[str, str]:
     """The key map of labkit recipe ``recipe`` with a ResNet-``depth`` backbone.
 
@@ -347,6 +354,8 @@ def mmdet_key_map(
         norm: (``reppoints``) ``"gn"`` when the head towers have GroupNorm, else ``None``.
         transform: (``reppoints``) ``"moment"`` (has ``moment_transfer``), ``"minmax"`` or
             ``"partial_minmax"``.
+        fpn_norm: (recipes with an FPN) ``"gn"`` when every FPN conv is followed by a
+            GroupNorm (mmdetection's "gn-neck" configs), else ``None``.
 
     Returns:
         ``{mmdet_key: labkit_key}``, one entry per mmdetection state-dict key (BatchNorm
@@ -358,6 +367,8 @@ def mmdet_key_map(
         raise ValueError(f"stacked_convs: expected an int >= 0, got {stacked_convs!r}")
     if norm not in (None, "gn"):
         raise ValueError(f"norm: expected None or 'gn', got {norm!r}")
+    if fpn_norm not in (None, "gn"):
+        raise ValueError(f"fpn_norm: expected None or 'gn', got {fpn_norm!r}")
     if transform not in _TRANSFORMS:
         raise ValueError(f"transform: expected one of {_TRANSFORMS}, got {transform!r}")
     if recipe in _DETRS:
@@ -370,7 +381,7 @@ def mmdet_key_map(
             raise ValueError(f"aux: expected names from {AUX_HEADS}, got {tuple(aux)}")
         ordered = tuple(name for name in AUX_HEADS if name in aux)
         return _resnet(depth) | _co_deformable_detr(num_layers, ordered)
-    pairs = _resnet(depth) | _fpn(*_NECKS[recipe])
+    pairs = _resnet(depth) | _fpn(*_NECKS[recipe], fpn_norm)
     if recipe in ("retinanet", "fsaf"):  # FSAF: RetinaNet's layers, one prior per location
         return pairs | _retinanet_head(stacked_convs)
     if recipe in ("atss", "paa"):  # PAA: ATSS's layers, the IoU branch is atss_centerness

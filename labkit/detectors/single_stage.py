@@ -88,6 +88,7 @@ def build_neck_backbone(
     add_extra_convs: str = "on_input",
     relu_before_extra_convs: bool = False,
     num_outs: int = 5,
+    fpn_norm: str | None = None,
 ) -> tuple[nn.Module, nn.Module, int]:
     """Backbone (C3-C5) and FPN (P3-P7 by default), as in RetinaNet.
 
@@ -101,6 +102,8 @@ def build_neck_backbone(
         add_extra_convs: where P6 comes from (``"on_input"`` RetinaNet, ``"on_output"`` ATSS/FCOS).
         relu_before_extra_convs: ReLU before the P7 conv (FCOS).
         num_outs: number of pyramid levels.
+        fpn_norm: ``None`` or ``"gn"``: GroupNorm (32 groups) after every FPN conv, as
+            mmdetection's "gn-neck" configs (see :class:`labkit.nn.fpn.FPN`).
 
     Returns:
         ``(backbone, neck, fpn_channels)``.
@@ -120,6 +123,7 @@ def build_neck_backbone(
         start_level=0,
         add_extra_convs=add_extra_convs,
         relu_before_extra_convs=relu_before_extra_convs,
+        norm=fpn_norm,
     )
     return body, neck, fpn_channels
 
@@ -135,11 +139,13 @@ def build_single_stage(
     add_extra_convs: str = "on_input",
     relu_before_extra_convs: bool = False,
     num_outs: int = 5,
+    fpn_norm: str | None = None,
 ) -> SingleStageDetector:
     """Backbone + FPN + ``head_factory(in_channels, feat_channels, stacked_convs)``.
 
     ``feat_channels`` defaults to the FPN width and ``stacked_convs`` to 4 (``TINY_STACKED_CONVS``
-    for the tiny backbone), mmdetection's head tower.
+    for the tiny backbone), mmdetection's head tower; the FPN settings are
+    :func:`build_neck_backbone`'s.
     """
     body, neck, channels = build_neck_backbone(
         backbone,
@@ -148,6 +154,7 @@ def build_single_stage(
         add_extra_convs=add_extra_convs,
         relu_before_extra_convs=relu_before_extra_convs,
         num_outs=num_outs,
+        fpn_norm=fpn_norm,
     )
     if feat_channels is None:
         feat_channels = channels

@@ -19,6 +19,45 @@ def _xavier_convs(module: nn.Module) -> None:
             xavier_init(m, distribution="uniform")
 
 
+def _check_norm(norm: str | None, out_channels: int, num_groups: int) -> None:
+    if norm not in ("gn", None):
+        raise ValueError(f"norm: expected 'gn' or None, got {norm!r}")
+    if norm == "gn" and out_channels % num_groups:
+        raise ValueError(
+            f"num_groups: out_channels={out_channels} is not divisible by num_groups={num_groups}"
+        )
+
+
+class _ConvNorm(nn.Sequential):
+    """conv -> (GroupNorm) -> (ReLU), mmcv ConvModule's order; bias only without a norm."""
+
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        kernel_size: int,
+        stride: int,
+        norm: str | None,
+        num_groups: int,
+        activation: bool,
+    ) -> None:
+        layers: list[nn.Module] = [
+            nn.Conv2d(
+                c_in,
+                c_out,
+                kernel_size,
+                stride=stride,
+                padding=(kernel_size - 1) // 2,
+                bias=norm is None,
+            )
+        ]
+        if norm == "gn":
+            layers.append(nn.GroupNorm(num_groups, c_out))
+        if activation:
+            layers.append(nn.ReLU(inplace=True))
+        super().__init__(*layers)
+
+
 class FPN(nn.Module):
     """Feature Pyramid Network (Lin et al. 2017) as mmdetection's ``FPN``.
 
@@ -35,7 +74,13 @@ class FPN(nn.Module):
 
     later extra convs read the previous extra output, through a ReLU when
     ``relu_before_extra_convs`` (RetinaNet/FCOS: P7 = conv(relu(P6))). ``True`` means
-    ``"on_input"``. No norm and no activation anywhere else.
+    ``"on_input"``. No activation anywhere else.
+
+    ``norm="gn"`` puts a GroupNorm after every conv -- laterals, 3x3 convs and extra convs
+    alike -- and drops those convs' bias, as mmdetection's ``FPN`` with
+    ``norm_cfg=dict(type='GN', num_groups=32)`` (mmcv ``ConvModule``: conv -> norm, ``bias``
+    only without a norm; the "gn-neck" configs). Each conv is then ``Sequential(conv, GN)``;
+    without a norm it stays a plain ``Conv2d``.
 
     Args:
         in_channels: channels of every backbone map passed in, e.g. ``[512, 1024, 2048]``.
@@ -43,6 +88,8 @@ class FPN(nn.Module):
         num_outs: number of output levels.
         start_level: first input index used. end_level: last input index used (-1 = last);
             with an explicit end_level no extra levels are allowed (mmdetection's rule).
+        norm: ``None`` (default) or ``"gn"``. num_groups: GroupNorm groups (mmdetection's
+            configs: 32); must divide ``out_channels``.
 
     Shapes: ``forward(inputs)`` takes ``len(in_channels)`` maps ``Tensor[B, C_i, H_i, W_i]``
     and returns ``num_outs`` maps ``Tensor[B, out_channels, H_l, W_l]``, finest first.
@@ -58,11 +105,14 @@ class FPN(nn.Module):
         end_level: int = -1,
         add_extra_convs: bool | str = False,
         relu_before_extra_convs: bool = False,
+        norm: str | None = None,
+        num_groups: int = 32,
     ) -> None:
         super().__init__()
         in_channels = [int(c) for c in in_channels]
         if not in_channels:
             raise ValueError("in_channels: expected at least one input level")
+        _check_norm(norm, out_channels, num_groups)
         num_ins = len(in_channels)
         if not 0 <= start_level < num_ins:
             raise ValueError(f"start_level: expected 0..{num_ins - 1}, got {start_level}")
@@ -96,14 +146,14 @@ class FPN(nn.Module):
         self.backbone_end_level = backbone_end_level
         self.add_extra_convs = add_extra_convs
         self.relu_before_extra_convs = bool(relu_before_extra_convs)
+        self.norm = norm
+        self.num_groups = int(num_groups)
 
         self.lateral_convs = nn.ModuleList(
-            nn.Conv2d(in_channels[i], out_channels, 1)
-            for i in range(start_level, backbone_end_level)
+            self._conv(in_channels[i], 1, 1) for i in range(start_level, backbone_end_level)
         )
         self.fpn_convs = nn.ModuleList(
-            nn.Conv2d(out_channels, out_channels, 3, padding=1)
-            for _ in range(start_level, backbone_end_level)
+            self._conv(out_channels, 3, 1) for _ in range(start_level, backbone_end_level)
         )
         num_extra = num_outs - backbone_end_level + start_level
         if add_extra_convs:
@@ -111,8 +161,18 @@ class FPN(nn.Module):
                 extra_in = out_channels
                 if i == 0 and add_extra_convs == "on_input":
                     extra_in = in_channels[backbone_end_level - 1]
-                self.fpn_convs.append(nn.Conv2d(extra_in, out_channels, 3, stride=2, padding=1))
+                self.fpn_convs.append(self._conv(extra_in, 3, 2))
         _xavier_convs(self)
+
+    def _conv(self, c_in: int, kernel_size: int, stride: int) -> nn.Module:
+        """A plain ``Conv2d`` without a norm (the keys of a norm-free FPN stay as they were),
+        else ``Sequential(conv without bias, GroupNorm)``."""
+        if self.norm is None:
+            padding = (kernel_size - 1) // 2
+            return nn.Conv2d(c_in, self.out_channels, kernel_size, stride=stride, padding=padding)
+        return _ConvNorm(
+            c_in, self.out_channels, kernel_size, stride, self.norm, self.num_groups, False
+        )
 
     def forward(self, inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
         """``inputs``: one ``Tensor[B, C_i, H_i, W_i]`` per ``in_channels`` -> ``num_outs`` maps."""
@@ -144,36 +204,6 @@ class FPN(nn.Module):
                     prev = F.relu(outs[-1]) if self.relu_before_extra_convs else outs[-1]
                     outs.append(self.fpn_convs[i](prev))
         return tuple(outs)
-
-
-class _ConvNorm(nn.Sequential):
-    """conv -> (GroupNorm) -> (ReLU), mmcv ConvModule's order; bias only without a norm."""
-
-    def __init__(
-        self,
-        c_in: int,
-        c_out: int,
-        kernel_size: int,
-        stride: int,
-        norm: str | None,
-        num_groups: int,
-        activation: bool,
-    ) -> None:
-        layers: list[nn.Module] = [
-            nn.Conv2d(
-                c_in,
-                c_out,
-                kernel_size,
-                stride=stride,
-                padding=(kernel_size - 1) // 2,
-                bias=norm is None,
-            )
-        ]
-        if norm == "gn":
-            layers.append(nn.GroupNorm(num_groups, c_out))
-        if activation:
-            layers.append(nn.ReLU(inplace=True))
-        super().__init__(*layers)
 
 
 class ChannelMapper(nn.Module):
@@ -211,12 +241,7 @@ class ChannelMapper(nn.Module):
         in_channels = [int(c) for c in in_channels]
         if not in_channels:
             raise ValueError("in_channels: expected at least one input level")
-        if norm not in ("gn", None):
-            raise ValueError(f"norm: expected 'gn' or None, got {norm!r}")
-        if norm == "gn" and out_channels % num_groups:
-            raise ValueError(
-                f"num_groups: out_channels={out_channels} is not divisible by num_groups={num_groups}"
-            )
+        _check_norm(norm, out_channels, num_groups)
         num_outs = len(in_channels) if num_outs is None else int(num_outs)
         if num_outs < len(in_channels):
             raise ValueError(f"num_outs: expected >= {len(in_channels)}, got {num_outs}")
