@@ -212,6 +212,40 @@ def test_a_labkit_checkpoint_brings_its_own_data(tmp_path, coco):
         trained_model("paa", checkpoint=bare)
 
 
+def test_the_deformable_attention_analysis_takes_either_detr_recipe(tmp_path):
+    """Notebook 04 reads the decoder of any Deformable-DETR: the zoo's entry is Co-DETR's model
+    without auxiliary heads, a user's may be mmdetection's plain Deformable-DETR."""
+    from labkit.engine.checkpoint import save_checkpoint
+    from labkit.lessons.deform_analysis import untrained_like
+
+    kwargs = {"num_classes": len(SHAPES_CLASSES), "backbone": "tiny", "num_queries": 10}
+    model = build_model("deformable_detr", **kwargs)
+    recipe = {"name": "deformable_detr", "kwargs": kwargs, "classes": list(SHAPES_CLASSES)}
+    path = save_checkpoint(tmp_path / "ddetr.pth", {"model": model.state_dict(), "recipe": recipe})
+    loaded = trained_model("deformable_detr", checkpoint=path)
+    assert loaded.recipe[0] == "deformable_detr"
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+    fresh = untrained_like(loaded, seed=3)
+    assert fresh.recipe == loaded.recipe and not fresh.training
+    assert fresh.state_dict().keys() == loaded.state_dict().keys()
+    assert any(not torch.equal(v, loaded.state_dict()[k]) for k, v in fresh.state_dict().items())
+    # an mmdetection checkpoint is told by its keys (read before any weight is converted)
+    plain = {"state_dict": {"bbox_head.cls_branches.0.weight": torch.zeros(1)}}
+    torch.save(plain, tmp_path / "mm_ddetr.pth")
+    assert trained.checkpoint_recipe("deformable_detr", tmp_path / "mm_ddetr.pth")["name"] == (
+        "deformable_detr"
+    )
+    co = {"state_dict": {"query_head.cls_branches.0.weight": torch.zeros(1)}}
+    torch.save(co, tmp_path / "mm_codetr.pth")
+    info = trained.checkpoint_recipe("deformable_detr", tmp_path / "mm_codetr.pth")
+    assert (info["name"], info["format"]) == ("co_deformable_detr", "mmdet")
+    # but not a dense detector
+    with pytest.raises(ValueError, match=r"keys look like mmdetection's fcos, but this analysis"):
+        torch.save({"state_dict": {"bbox_head.conv_centerness.weight": torch.zeros(1)}},
+                   tmp_path / "mm_fcos.pth")  # fmt: skip
+        trained.checkpoint_recipe("deformable_detr", tmp_path / "mm_fcos.pth")
+
+
 # ---------------------------------------------------------------------------------------------
 # End to end: ResNet-50 mmdetection checkpoints, 80-class COCO data, the notebooks' analyses.
 

@@ -64,6 +64,10 @@ _MMDET_SIGNATURES = (
     ("bbox_head.conv_cls.", "foveabox"),
 )
 _UNKNOWN = "no architecture labkit converts"
+# Analyses that any of several recipes can feed: notebook 04 reads the decoder's sampling of
+# any Deformable-DETR, plain (mmdetection's) or Co-DETR's (the zoo's entry is Co-DETR's model
+# without auxiliary heads). The checkpoint's own recipe is used when it is one of these.
+_ANALYSIS_RECIPES = {"deformable_detr": ("co_deformable_detr", "deformable_detr")}
 
 
 def _where(path: str) -> str:
@@ -316,6 +320,7 @@ def checkpoint_recipe(
     """
     entry = _zoo_entry(zoo_name)
     expected = recipe or entry.recipe
+    accepted = (recipe,) if recipe else _ANALYSIS_RECIPES.get(zoo_name, (entry.recipe,))
     if checkpoint is None:
         if expected != entry.recipe:
             raise ValueError(
@@ -341,9 +346,11 @@ def checkpoint_recipe(
             raise ValueError(f"recipe: no mmdetection conversion for {expected!r}")
         meta = raw.get("meta") if "state_dict" in raw else None
         meta = meta if isinstance(meta, Mapping) else {}
+        guess = _mmdet_guess(raw.get("state_dict", raw))
+        if guess in accepted:
+            expected = guess
         # what the meta and the key names show, before the weights are read
         _check_mmdet_head(meta, expected)
-        guess = _mmdet_guess(raw.get("state_dict", raw))
         if guess != _UNKNOWN and expected not in guess.split(" or "):
             raise ValueError(
                 f"checkpoint: its keys look like mmdetection's {guess}, but this analysis needs "
@@ -360,6 +367,8 @@ def checkpoint_recipe(
     found = (raw.get("recipe") or {}).get("name")
     if found is None:
         raise _no_recipe(path)
+    if found in accepted:
+        expected = found
     if found != expected:
         raise ValueError(
             f"checkpoint: {path} holds a labkit {found!r} model, but this analysis needs "
