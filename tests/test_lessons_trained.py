@@ -333,14 +333,14 @@ def test_notebook_03_centerness_on_an_mmdet_fcos(coco, mmdet_r50):
     assert set(pairs["level"].tolist()) <= set(range(5))
 
 
-def test_notebooks_01_to_03_take_checkpoint_and_data():
+def test_notebooks_01_to_04_take_checkpoint_and_data():
     """The parameters cell defines both as None and the analysis cells pass them on."""
     import ast
     from pathlib import Path
 
     import nbformat
 
-    for name, zoo_name in (("01", "atss"), ("02", "paa"), ("03", "fcos")):
+    for name, zoo_name in (("01", "atss"), ("02", "paa"), ("03", "fcos"), ("04", "deformable_detr")):
         (path,) = (Path(__file__).parent.parent / "notebooks").glob(f"{name}_*.ipynb")
         book = nbformat.read(path, as_version=4)
         params = next(c for c in book.cells if "parameters" in c.metadata.get("tags", []))
