@@ -32,9 +32,14 @@ def test_stated_comparison_holds_on_the_recorded_seeds(stated):
 
 
 def test_every_lesson_comparison_is_covered():
-    """The three comparisons the lessons make each have a stated verdict."""
+    """The comparisons the lessons make each have a stated verdict (or say it has too few seeds)."""
     pairs = {(c.first, c.second) for c in recorded.LESSON_CLAIMS}
-    assert {("atss", "retinanet"), ("paa", "retinanet"), ("fcos", "fcos_no_centerness")} <= pairs
+    assert {
+        ("atss", "retinanet"),
+        ("paa", "retinanet"),
+        ("fcos", "fcos_no_centerness"),
+        ("co_deformable_detr", "deformable_detr"),
+    } <= pairs
 
 
 def test_claimed_models_are_zoo_entries_with_recorded_seeds():
