@@ -173,9 +173,11 @@ def test_shipped_zoo_entry_reproduces_its_first_logged_losses(row, tmp_path):
     assert args.func(args) == 0
     again = _first_train_line(tmp_path / "prefix" / "log.jsonl")
     assert again["iter"] == stored["iter"]
-    # PAA's re-assignment is discrete (a GMM split per object), so the prefix's constant learning
-    # rate (within 1e-3 of the cosine's) can move a logged mean by about 2e-3: allow 5e-3.
-    rel = 5e-3 if row["recipe"] == "paa" else 2e-3
+    # PAA's re-assignment (a GMM split per object) and the DETRs' Hungarian matching are
+    # discrete, so the prefix's constant learning rate (within 1e-3 of the cosine's) can move a
+    # logged mean by 2-2.5e-3 (PAA; deformable_detr's loss_bbox on a clean clone): allow 5e-3.
+    discrete = ("paa", "deformable_detr", "co_deformable_detr")
+    rel = 5e-3 if row["recipe"] in discrete else 2e-3
     for key in ("loss_cls", "loss_bbox", "loss"):
         assert again[key] == pytest.approx(stored[key], rel=rel), key
 
