@@ -349,8 +349,10 @@ def train_entry(
     # Score the float16 weights: the number `labkit eval` on the zoo file reproduces.
     model = RECIPES[ckpt["recipe"]["name"]].build(**ckpt["recipe"]["kwargs"])
     load_checkpoint(root / f"{stem}.pth", model)
-    val_set = engine_cli.build_dataset(args.data, "val", args.image_size)
     from labkit.data import make_loader
+    from labkit.data.spec import build_dataset
+
+    val_set = build_dataset(args.data, "val", args.image_size)
 
     metrics = evaluate(model, make_loader(val_set, batch_size=args.batch_size), val_set, device)
     log_text = (work / "log.jsonl").read_text(encoding="utf-8")

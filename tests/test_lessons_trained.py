@@ -362,7 +362,9 @@ def test_the_trained_model_notebooks_take_checkpoint_and_data():
 
 
 def test_labkit_eval_shares_the_loading():
+    from labkit.data import spec
     from labkit.engine import cli
 
-    assert cli.build_dataset is trained.build_dataset
-    assert cli.check_classes is trained.check_classes
+    assert cli.build_dataset is trained.build_dataset is spec.build_dataset
+    assert cli.check_classes is trained.check_classes is spec.check_classes
+    assert cli.labkit_checkpoint is trained.labkit_checkpoint

@@ -26,13 +26,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from labkit.lessons.trained import (
-    build_dataset,
-    build_recipe_model,
-    check_classes,
-    labkit_checkpoint,
-    load_mmdet_model,
-)
+from labkit.data.spec import build_dataset, check_classes
+from labkit.lessons.trained import build_recipe_model, labkit_checkpoint, load_mmdet_model
 
 Recipes = Mapping[str, Any]  # name -> labkit.recipes.Recipe (``build``, ``schedule``)
 
@@ -180,7 +175,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _check_classes(recipe: dict, dataset: Any, spec: str) -> None:
-    """Exit unless ``dataset`` has the checkpoint's classes (``labkit.lessons.trained.check_classes``)."""
+    """Exit unless ``dataset`` has the checkpoint's classes (``labkit.data.spec.check_classes``)."""
     try:
         check_classes(recipe, dataset, spec, argument="--data")
     except ValueError as err:

@@ -6,8 +6,9 @@
 * ``codetr_analysis``: Co-DETR's one-to-one positives, positives per decoder layer and the
   encoder memory's separability;
 * ``trained``: the trained model an analysis runs on (the zoo's, or the ``checkpoint`` a user
-  passes: labkit's or mmdetection's) and its images (``data``: COCO-format); ``labkit eval``
-  shares its checkpoint and data loading.
+  passes: labkit's or mmdetection's) and its images (``data``: COCO-format, read by
+  ``labkit.data.spec`` like ``labkit eval``'s ``--data``); ``labkit eval`` shares its checkpoint
+  loading.
 
 This layer sits on top of the package (it may import engine, recipes and data); nothing
 below imports it.
