@@ -216,7 +216,7 @@ def test_the_deformable_attention_analysis_takes_either_detr_recipe(tmp_path):
     """Notebook 04 reads the decoder of any Deformable-DETR: the zoo's entry is Co-DETR's model
     without auxiliary heads, a user's may be mmdetection's plain Deformable-DETR."""
     from labkit.engine.checkpoint import save_checkpoint
-    from labkit.lessons.deform_analysis import untrained_like
+    from labkit.lessons.trained import untrained_like
 
     kwargs = {"num_classes": len(SHAPES_CLASSES), "backbone": "tiny", "num_queries": 10}
     model = build_model("deformable_detr", **kwargs)

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-__all__ = ["sampling_statistics", "summarize_sampling", "untrained_like"]
+__all__ = ["sampling_statistics", "summarize_sampling"]
 
 
 @torch.no_grad()
@@ -64,18 +64,3 @@ def summarize_sampling(stats: Iterable[dict[str, Tensor]]) -> dict[str, Tensor]:
     if not stats:
         raise ValueError("stats: expected at least one sampling_statistics result")
     return {name: torch.cat([s[name] for s in stats]) for name in stats[0]}
-
-
-def untrained_like(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """A freshly initialised copy of ``model``'s architecture (its ``model.recipe``: name and
-    keyword arguments), seeded with ``seed``, in eval mode on ``model``'s device: what the
-    trained model looked like before training."""
-    from labkit.recipes import RECIPES
-
-    recipe = getattr(model, "recipe", None)
-    if not recipe:
-        raise ValueError("model: it records no recipe (build it with labkit.recipes)")
-    name, kwargs = recipe
-    device = next(model.parameters()).device
-    torch.manual_seed(seed)
-    return RECIPES[name].build(**kwargs).to(device).eval()

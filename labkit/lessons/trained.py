@@ -38,6 +38,7 @@ __all__ = [
     "load_mmdet_model",
     "mmdet_classes",
     "trained_model",
+    "untrained_like",
 ]
 
 MMDET_TEST_SIZE = (800, 1333)  # mmdetection's COCO test Resize scale=(1333, 800), as (h, w) limits
@@ -444,3 +445,20 @@ def describe_trained(
     return (
         f"{os.path.basename(os.fspath(checkpoint))}: {kind} checkpoint as labkit's {info['name']!r}"
     )
+
+
+def untrained_like(model: nn.Module, seed: int = 0) -> nn.Module:
+    """A freshly initialised copy of ``model``'s architecture (its ``model.recipe``: name and
+    keyword arguments), seeded with ``seed``, in eval mode on ``model``'s device: what the
+    trained model looked like before training."""
+    import torch
+
+    from labkit.recipes import RECIPES
+
+    recipe = getattr(model, "recipe", None)
+    if not recipe:
+        raise ValueError("model: it records no recipe (build it with labkit.recipes)")
+    name, kwargs = recipe
+    device = next(model.parameters()).device
+    torch.manual_seed(seed)
+    return RECIPES[name].build(**kwargs).to(device).eval()
