@@ -432,7 +432,7 @@ def analysis_sample(
 def describe_trained(
     zoo_name: str, checkpoint: str | os.PathLike | None = None, seed: int = 0
 ) -> str:
-    """One line naming the model :func:`trained_model` returns, e.g. ``"zoo paa seed 0: 0.181
+    """One line naming the model :func:`trained_model` returns, e.g. ``"zoo paa seed 0: 0.179
     COCO AP on shapes val"`` or ``"paa_r50_fpn_1x_coco_20200821-936edec3.pth: an mmdetection
     checkpoint as labkit's 'paa'"``."""
     if checkpoint is None:
