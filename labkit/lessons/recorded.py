@@ -154,9 +154,9 @@ LESSON_CLAIMS: tuple[LessonClaim, ...] = (
     LessonClaim("03_fcos_centerness.ipynb", "fcos", "fcos_no_centerness", "AP75", WITHIN_NOISE,
                 "the difference is also within noise on AP75"),
     LessonClaim("06_codetr_auxiliary_queries.ipynb", "co_deformable_detr_atss", "deformable_detr",
-                "AP", TOO_FEW_SEEDS, "one seed of each Co-DETR, so no ranking is\n                claimed"),
+                "AP", TOO_FEW_SEEDS, "one seed of each Co-DETR, so no ranking is claimed"),
     LessonClaim("06_codetr_auxiliary_queries.ipynb", "co_deformable_detr", "deformable_detr",
-                "AP", TOO_FEW_SEEDS, "one seed of each Co-DETR, so no ranking is\n                claimed"),
+                "AP", TOO_FEW_SEEDS, "one seed of each Co-DETR, so no ranking is claimed"),
 )  # fmt: skip
 
 
