@@ -173,11 +173,17 @@ def test_shipped_zoo_entry_reproduces_its_first_logged_losses(row, tmp_path):
     assert args.func(args) == 0
     again = _first_train_line(tmp_path / "prefix" / "log.jsonl")
     assert again["iter"] == stored["iter"]
-    # PAA's re-assignment (a GMM split per object) and the DETRs' Hungarian matching are
-    # discrete, so the prefix's constant learning rate (within 1e-3 of the cosine's) can move a
-    # logged mean by 2-2.5e-3 (PAA; deformable_detr's loss_bbox on a clean clone): allow 5e-3.
-    discrete = ("paa", "deformable_detr", "co_deformable_detr")
-    rel = 5e-3 if row["recipe"] in discrete else 2e-3
+    # PAA's re-assignment (a GMM split per object), the DETRs' Hungarian matching and RepPoints'
+    # second stage (MaxIoU on the first stage's boxes) are discrete, so the prefix's constant
+    # learning rate (within 1e-3 of the cosine's) can move a logged mean by 2-2.5e-3 (PAA;
+    # deformable_detr's loss_bbox on a clean clone; reppoints' loss_cls 1.8e-3): allow 5e-3.
+    # Two recipes average over a handful of positives chosen discretely: FSAF keeps one level per
+    # object (its lowest loss) and Faster R-CNN samples RoIs from the RPN's ranked proposals, so
+    # one changed choice moves a term by about 1 % (measured: fsaf loss_cls / loss_bbox 1.1e-2 /
+    # 1.3e-2 and its total up to 5.2e-3; faster_rcnn loss_bbox 1.3e-2): they get 2e-2.
+    discrete = ("paa", "deformable_detr", "co_deformable_detr", "reppoints")
+    few_positives = ("fsaf", "faster_rcnn")
+    rel = 2e-2 if row["recipe"] in few_positives else 5e-3 if row["recipe"] in discrete else 2e-3
     # The total and the head's own terms: RepPoints logs its box loss per stage
     # (loss_pts_init / loss_pts_refine), Faster R-CNN its RPN's apart from its RoI head's.
     head_terms = ("loss_cls", "loss_bbox", "loss_pts_init", "loss_pts_refine", "loss_rpn_cls")
