@@ -12,6 +12,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from labkit import data
+
 __all__ = ["build_dataset", "check_classes", "relative_note"]
 
 
@@ -44,7 +46,6 @@ def build_dataset(
         Tensor[K, 4]`` (xyxy pixels of the resized image) and ``gt_labels: LongTensor[K]``;
         ``.classes`` lists the class names (label ``i`` is ``classes[i]``).
     """
-    from labkit import data  # the package's __init__, imported late (it loads torch)
 
     if split != "train":
         transforms = data.test_transforms(image_size)
