@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from labkit.data.spec import build_dataset, check_classes, relative_note
 
-if TYPE_CHECKING:  # imported late below: `labkit --help` should not load torch and every head
+if TYPE_CHECKING:  # recipes, convert and zoo are imported late below: not every head at import
     from torch import nn
 
 __all__ = [
