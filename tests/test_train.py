@@ -329,9 +329,28 @@ def test_bad_train_arguments():
         parse_losses({"acc": torch.ones(())})
 
 
-def test_amp_request_on_cpu_warns_and_trains_in_float32():
-    with pytest.warns(UserWarning, match="amp"):
-        hist = train(TinyDetector(), loader(4, 2), quiet(max_iters=1, amp=True), device="cpu")
+class DtypeRecorder(TinyDetector):
+    """``TinyDetector`` that records the dtype its convolution computed in."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_dtypes = []
+        self.backbone.register_forward_hook(lambda m, i, o: self.conv_dtypes.append(o.dtype))
+
+
+def test_amp_on_cpu_autocasts_to_bfloat16():
+    model = DtypeRecorder()
+    hist = train(model, loader(4, 2), quiet(max_iters=2, amp=True), device="cpu")
+    assert model.conv_dtypes == [torch.bfloat16, torch.bfloat16]
+    assert len(hist.train) == 2 and math.isfinite(hist.train[-1]["loss"])
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # weights stay float32
+
+
+def test_float16_amp_on_cpu_warns_and_trains_in_float32():
+    model = DtypeRecorder()
+    with pytest.warns(UserWarning, match="float16 only acts on CUDA"):
+        hist = train(model, loader(4, 2), quiet(max_iters=1, amp=True, amp_dtype="float16"))
+    assert model.conv_dtypes == [torch.float32]
     assert len(hist.train) == 1
     assert train_module.History().series("loss") == ([], [])
 

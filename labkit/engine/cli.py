@@ -282,7 +282,11 @@ def register(subparsers: argparse._SubParsersAction, recipes: Recipes | None = N
         "--scale-range", type=parse_scale_range, default=(0.6, 1.0), metavar="LO,HI",
         help="with --train-crop: resize factors drawn uniformly in [LO, HI] (default 0.6,1.0)",
     )  # fmt: skip
-    train.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    train.add_argument(
+        "--amp",
+        action="store_true",
+        help="bf16 autocast (CUDA, or a CPU: about 2x faster with AVX512-BF16)",
+    )
     train.add_argument("--device", default="auto")
     train.add_argument("--num-workers", type=int, default=0)
     train.add_argument("--seed", type=int, default=0)

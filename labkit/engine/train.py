@@ -72,7 +72,9 @@ class TrainConfig:
 
     Step: ``accum_steps`` micro-batches per optimizer step (losses divided so the gradient
     is their mean), gradient clipping to ``max_norm`` (L2 over all parameters; None = off),
-    ``amp`` autocast on CUDA in ``amp_dtype`` ("bfloat16"; "float16" adds a GradScaler).
+    ``amp`` autocast in ``amp_dtype``: "bfloat16" on CUDA or a CPU (oneDNN's bf16
+    convolutions, about 2x faster per step on a CPU with AVX512-BF16), "float16" on CUDA only
+    (with a GradScaler). Dense heads compute their targets and losses in float32 either way.
 
     Bookkeeping: a JSON-lines record every ``log_every`` steps, COCO evaluation every
     ``eval_every`` epochs (and after the last), a checkpoint every ``checkpoint_every``
@@ -378,11 +380,19 @@ def _setup(
     iters_per_epoch = math.ceil(len(loader) / config.accum_steps)
 
     optimizer = build_optimizer(model, config)
-    use_amp = config.amp and device.type == "cuda"
+    amp_dtype = getattr(torch, config.amp_dtype)
+    # CPUs autocast to bfloat16 only (oneDNN's bf16 convolutions: about 2x faster per step on
+    # a CPU with AVX512-BF16); float16 autocast is CUDA's.
+    use_amp = config.amp and (
+        device.type == "cuda" or (device.type == "cpu" and amp_dtype == torch.bfloat16)
+    )
     if config.amp and not use_amp:
         # stacklevel=3: blame the caller of train(), not this helper.
-        warnings.warn("amp=True only acts on CUDA; training in float32 on CPU", stacklevel=3)
-    amp_dtype = getattr(torch, config.amp_dtype)
+        warnings.warn(
+            f"amp=True with {config.amp_dtype} only acts on CUDA; training in float32 on "
+            f"{device.type}",
+            stacklevel=3,
+        )
     # bf16 has float32's range, so only fp16 needs loss scaling against underflow.
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     # DDP: forward goes through a wrapper so gradients are averaged across ranks.

@@ -55,6 +55,15 @@ from torchvision.ops import batched_nms
 from labkit._validation import check_boxes, check_labels, check_tensor
 
 
+def _to_float32(outs):
+    """``outs`` (tensors nested in tuples/lists) with every floating tensor in float32."""
+    if isinstance(outs, torch.Tensor):
+        return outs.float() if outs.is_floating_point() else outs
+    if isinstance(outs, (list, tuple)):
+        return type(outs)(_to_float32(o) for o in outs)
+    return outs
+
+
 @dataclass
 class TestConfig:
     """Inference settings of a dense head (mmdetection's ``test_cfg``).
@@ -294,13 +303,20 @@ class DenseHead(nn.Module):
             documented by each head's ``loss_and_targets_by_feat``).
         """
         outs = self(feats)
-        return self.loss_and_targets_by_feat(
-            *outs,
-            batch_gt_bboxes=batch["gt_bboxes"],
-            batch_gt_labels=batch["gt_labels"],
-            batch_img_metas=batch["img_metas"],
-            batch_gt_bboxes_ignore=batch.get("gt_bboxes_ignore"),
-        )
+        device_type = feats[0].device.type
+        if torch.is_autocast_enabled(device_type):
+            # Under mixed precision only the convolutions run in bf16/fp16: box decoding,
+            # assignment and the losses need float32 (bf16 spaces pixel coordinates 2 px apart
+            # at 256-512 px).
+            outs = _to_float32(outs)
+        with torch.autocast(device_type, enabled=False):
+            return self.loss_and_targets_by_feat(
+                *outs,
+                batch_gt_bboxes=batch["gt_bboxes"],
+                batch_gt_labels=batch["gt_labels"],
+                batch_img_metas=batch["img_metas"],
+                batch_gt_bboxes_ignore=batch.get("gt_bboxes_ignore"),
+            )
 
     def loss_by_feat(self, *outs: list[Tensor], **gt: object) -> dict[str, Tensor]:
         """Losses from the raw outputs of ``forward``: ``loss_and_targets_by_feat(...)[0]``."""
