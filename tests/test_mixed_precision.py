@@ -52,3 +52,18 @@ def test_float32_coordinates_matter_where_bf16_would_round_them():
     x = torch.tensor([300.5, 301.0, 301.5])
     assert torch.unique(x.bfloat16()).numel() < 3
     assert torch.unique(x).numel() == 3
+
+
+def test_cpu_amp_is_declared_by_the_dense_one_stage_detectors_only():
+    def declared(recipe, **kw):
+        model = build_model(recipe, num_classes=5, backbone="tiny", **kw)
+        return getattr(model, "supports_cpu_amp", False)
+
+    for recipe in ("retinanet", "atss", "paa", "fcos", "foveabox", "fsaf"):
+        assert declared(recipe), recipe
+    # no bf16 CPU kernel for torchvision's deformable convolution; two-stage and DETR losses are
+    # not cast to float32
+    assert not declared("reppoints")
+    assert not declared("faster_rcnn")
+    assert not declared("co_deformable_detr", num_queries=10)
+

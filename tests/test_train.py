@@ -330,7 +330,10 @@ def test_bad_train_arguments():
 
 
 class DtypeRecorder(TinyDetector):
-    """``TinyDetector`` that records the dtype its convolution computed in."""
+    """``TinyDetector`` that records the dtype its convolution computed in (its L1 loss is
+    dtype-safe, so it declares ``supports_cpu_amp`` like the dense detectors)."""
+
+    supports_cpu_amp = True
 
     def __init__(self):
         super().__init__()
@@ -344,6 +347,11 @@ def test_amp_on_cpu_autocasts_to_bfloat16():
     assert model.conv_dtypes == [torch.bfloat16, torch.bfloat16]
     assert len(hist.train) == 2 and math.isfinite(hist.train[-1]["loss"])
     assert all(p.dtype == torch.float32 for p in model.parameters())  # weights stay float32
+
+
+def test_amp_on_cpu_refuses_a_model_that_does_not_declare_it():
+    with pytest.raises(ValueError, match="amp: bf16 autocast on a CPU"):
+        train(TinyDetector(), loader(4, 2), quiet(max_iters=1, amp=True), device="cpu")
 
 
 def test_float16_amp_on_cpu_warns_and_trains_in_float32():

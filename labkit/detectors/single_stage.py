@@ -43,6 +43,17 @@ class SingleStageDetector(Detector):
         """Foreground classes of the head."""
         return self.head.num_classes
 
+    @property
+    def supports_cpu_amp(self) -> bool:
+        """Whether ``train(..., amp=True)`` may run this model under bf16 autocast on a CPU:
+        dense heads (``DenseHead.loss_and_targets``) assign and compute losses in float32, and
+        every layer has a bf16 CPU kernel except torchvision's deformable convolution
+        (RepPoints)."""
+        from labkit.heads.dense_head import DenseHead
+        from labkit.heads.reppoints import RepPointsHead
+
+        return isinstance(self.head, DenseHead) and not isinstance(self.head, RepPointsHead)
+
     def extract_feat(self, img: Tensor) -> list[Tensor]:
         """Pyramid features of ``img: Tensor[B, 3, H, W]``: list of ``Tensor[B, C, H_l, W_l]``."""
         feats = self.backbone(img)

@@ -386,6 +386,13 @@ def _setup(
     use_amp = config.amp and (
         device.type == "cuda" or (device.type == "cpu" and amp_dtype == torch.bfloat16)
     )
+    if use_amp and device.type == "cpu" and not getattr(model, "supports_cpu_amp", False):
+        raise ValueError(
+            f"amp: bf16 autocast on a CPU is supported for the dense one-stage detectors "
+            f"(RetinaNet, ATSS, PAA, FCOS, FoveaBox, FSAF), whose heads keep targets and losses "
+            f"in float32; {type(model).__name__} does not declare supports_cpu_amp (train it "
+            f"without --amp)"
+        )
     if config.amp and not use_amp:
         # stacklevel=3: blame the caller of train(), not this helper.
         warnings.warn(
