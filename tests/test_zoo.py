@@ -183,7 +183,19 @@ def test_shipped_zoo_entry_reproduces_its_first_logged_losses(row, tmp_path):
     # 1.3e-2 and its total up to 5.2e-3; faster_rcnn loss_bbox 1.3e-2): they get 2e-2.
     discrete = ("paa", "deformable_detr", "co_deformable_detr", "reppoints")
     few_positives = ("fsaf", "faster_rcnn")
-    rel = 2e-2 if row["recipe"] in few_positives else 5e-3 if row["recipe"] in discrete else 2e-3
+    # bf16 autocast (the *_bf16 entries) rounds every activation to 8 bits of mantissa, which
+    # amplifies the constant-vs-cosine learning-rate difference: atss_bf16's loss_cls moved by
+    # 6.4e-3 (measured). 1e-2 still tells seeds apart: atss seeds 0-2 log loss_cls 0.804,
+    # 0.837 and 0.873 at step 50.
+    amp = zoo.ZOO[row["name"]].train_args.get("amp", False)
+    if row["recipe"] in few_positives:
+        rel = 2e-2
+    elif amp:
+        rel = 1e-2
+    elif row["recipe"] in discrete:
+        rel = 5e-3
+    else:
+        rel = 2e-3
     # The total and the head's own terms: RepPoints logs its box loss per stage
     # (loss_pts_init / loss_pts_refine), Faster R-CNN its RPN's apart from its RoI head's.
     head_terms = ("loss_cls", "loss_bbox", "loss_pts_init", "loss_pts_refine", "loss_rpn_cls")
@@ -193,7 +205,9 @@ def test_shipped_zoo_entry_reproduces_its_first_logged_losses(row, tmp_path):
         assert again[key] == pytest.approx(stored[key], rel=rel), key
 
 
-EVAL_ROWS = [r for r in ROWS if r["name"] in ("atss", "fcos") and r["seed"] == 0]
+EVAL_ROWS = [
+    r for r in ROWS if r["name"] in ("atss", "fcos", "atss_bf16", "fcos_bf16") and r["seed"] == 0
+]
 
 
 @pytest.mark.slow
