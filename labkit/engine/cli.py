@@ -285,7 +285,7 @@ def register(subparsers: argparse._SubParsersAction, recipes: Recipes | None = N
     train.add_argument(
         "--amp",
         action="store_true",
-        help="bf16 autocast (CUDA, or a CPU: about 2x faster with AVX512-BF16)",
+        help="bf16 autocast (CUDA, or a CPU: about 1.75x faster with AVX512-BF16)",
     )
     train.add_argument("--device", default="auto")
     train.add_argument("--num-workers", type=int, default=0)

@@ -73,7 +73,7 @@ class TrainConfig:
     Step: ``accum_steps`` micro-batches per optimizer step (losses divided so the gradient
     is their mean), gradient clipping to ``max_norm`` (L2 over all parameters; None = off),
     ``amp`` autocast in ``amp_dtype``: "bfloat16" on CUDA or a CPU (oneDNN's bf16
-    convolutions, about 2x faster per step on a CPU with AVX512-BF16), "float16" on CUDA only
+    convolutions, about 1.75x faster per step on a CPU with AVX512-BF16), "float16" on CUDA only
     (with a GradScaler). Dense heads compute their targets and losses in float32 either way.
 
     Bookkeeping: a JSON-lines record every ``log_every`` steps, COCO evaluation every
@@ -381,8 +381,8 @@ def _setup(
 
     optimizer = build_optimizer(model, config)
     amp_dtype = getattr(torch, config.amp_dtype)
-    # CPUs autocast to bfloat16 only (oneDNN's bf16 convolutions: about 2x faster per step on
-    # a CPU with AVX512-BF16); float16 autocast is CUDA's.
+    # CPUs autocast to bfloat16 only (oneDNN's bf16 convolutions: about 1.75x faster per step
+    # on a CPU with AVX512-BF16); float16 autocast is CUDA's.
     use_amp = config.amp and (
         device.type == "cuda" or (device.type == "cpu" and amp_dtype == torch.bfloat16)
     )
