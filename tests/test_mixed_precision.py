@@ -66,4 +66,3 @@ def test_cpu_amp_is_declared_by_the_dense_one_stage_detectors_only():
     assert not declared("reppoints")
     assert not declared("faster_rcnn")
     assert not declared("co_deformable_detr", num_queries=10)
-
