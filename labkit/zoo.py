@@ -15,6 +15,12 @@ killed run continues where its last checkpoint stopped), then stores, in ``data/
 * ``NAME-seedS.log.jsonl`` (the training log) and ``NAME-seedS.coco.txt`` (the COCO table);
 * a row of ``MANIFEST.json``: the file's sha256 and size, COCO AP and AP50 of the float16
   weights (what ``labkit eval`` reproduces), training minutes, device, seed and command.
+
+The repository keeps the weights of seed 0 of every entry (:data:`SEEDS_WITH_WEIGHTS`), the
+models the lessons analyse; the other seeds, which feed the lessons' multi-seed tables, keep
+their log, COCO table and manifest row (with the sha256 of the weights their run wrote), so
+the zoo stays within its 80 MB. ``labkit zoo train NAME --seed S`` writes those weights again,
+into ``data/zoo/`` (git ignores them), where :func:`load` finds them.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "SEEDS_WITH_WEIGHTS",
     "ZOO",
     "ZooEntry",
     "compare",
@@ -45,6 +52,7 @@ __all__ = [
     "row_metric",
     "register",
     "train_entry",
+    "weights_in_repo",
     "zoo_dir",
 ]
 
@@ -105,8 +113,10 @@ _SHAPES_SCHEDULE = {
 }
 # The same setting with bf16 autocast (``--amp``): a step costs about 0.57x on a CPU with
 # AVX512-BF16, so twice the steps (5,600) fit about the same 20 CPU-minutes: ATSS reaches COCO
-# AP 0.365 and FCOS 0.342 (benchmarks/RESULTS.md). Dense heads keep targets and losses in float32.
+# AP 0.365 (benchmarks/RESULTS.md). FCOS reached 0.342 there and 0.351 with 6,000 steps, so
+# its entry takes 6,000. Dense heads keep targets and losses in float32.
 _SHAPES_BF16_SCHEDULE = {**_SHAPES_SCHEDULE, "max_iters": 5600, "amp": True}
+_FCOS_BF16_SCHEDULE = {**_SHAPES_BF16_SCHEDULE, "max_iters": 6000}
 # The DETRs: the same data and crops with the recipe's paper optimisation
 # (AdamW, clip 0.1, lr x 0.1 on the backbone and sampling offsets) at lr 4e-4, for 2,000 steps.
 # Measured on one loaded core: 1.36 s per step for Deformable-DETR, 1.50 with Co-DETR's ATSS
@@ -134,8 +144,8 @@ ZOO: dict[str, ZooEntry] = {
             "fcos_bf16",
             "fcos",
             {"backbone": "tiny"},
-            _SHAPES_BF16_SCHEDULE,
-            "FCOS, 5,600 bf16 steps in the same CPU time",
+            _FCOS_BF16_SCHEDULE,
+            "FCOS, 6,000 bf16 steps in about the same CPU time",
         ),
         ZooEntry(
             "fcos_no_centerness",
@@ -173,6 +183,15 @@ ZOO: dict[str, ZooEntry] = {
         ),
     )
 }
+
+
+# The seeds whose float16 weights the repository keeps (``.gitignore`` drops the others).
+SEEDS_WITH_WEIGHTS = (0,)
+
+
+def weights_in_repo(row: dict) -> bool:
+    """Whether the repository keeps the weights of manifest ``row`` (see :data:`SEEDS_WITH_WEIGHTS`)."""
+    return bool(row.get("weights_in_repo", row["seed"] in SEEDS_WITH_WEIGHTS))
 
 
 def zoo_dir() -> Path:
@@ -232,7 +251,8 @@ def load(
     """The zoo model ``name`` trained from ``seed``, in eval mode on ``device``.
 
     The file's sha256 must match the manifest (``ValueError: ... is corrupt`` otherwise); the
-    float16 weights are loaded into the recipe's float32 model.
+    float16 weights are loaded into the recipe's float32 model. Seeds other than 0 have weights
+    only after ``labkit zoo train NAME --seed S`` (``FileNotFoundError`` saying so otherwise).
     """
     from labkit.engine.checkpoint import load_checkpoint
     from labkit.recipes import RECIPES
@@ -240,6 +260,13 @@ def load(
     root = root or zoo_dir()
     row = manifest_row(name, seed, root)
     path = root / row["file"]
+    if not path.is_file() and not weights_in_repo(row):
+        raise FileNotFoundError(
+            f"name, seed: the repository keeps the weights of seed 0 only (the zoo's 80 MB "
+            f"budget); seed {seed} of {name!r} has its log and COCO table (AP {row['AP']:.3f}). "
+            f"labkit zoo train {name} --seed {seed} writes its weights to {path} "
+            f"(about {row['train_minutes']:.0f} CPU-minutes)"
+        )
     if not path.is_file():
         raise FileNotFoundError(
             f"name: {name!r} seed {seed}: {path} is missing (git lfs? a partial checkout?)"
@@ -387,6 +414,7 @@ def train_entry(
         "file": f"{stem}.pth",
         "sha256": sha256_of(root / f"{stem}.pth"),
         "bytes": (root / f"{stem}.pth").stat().st_size,
+        "weights_in_repo": seed in SEEDS_WITH_WEIGHTS,
         "AP": round(float(metrics["AP"]), 4),
         "AP50": round(float(metrics["AP50"]), 4),
         "train_minutes": round(_train_minutes(work / "log.jsonl"), 1),
@@ -424,6 +452,12 @@ def _format_rows(rows: list[dict]) -> str:
         lines.append(
             f"{r['name']:<24} {r['seed']:>4} {r['AP']:>6.3f} {r['AP50']:>6.3f} "
             f"{r['train_minutes']:>6.1f} {r['device'][:10]:<10} {r['sha256'][:12]}"
+            + ("" if weights_in_repo(r) else "  *")
+        )
+    if not all(weights_in_repo(r) for r in rows):
+        lines.append(
+            "* weights not in the repository (it keeps seed 0's); "
+            "labkit zoo train NAME --seed S writes them"
         )
     missing = sorted(set(ZOO) - {r["name"] for r in rows})
     if missing:

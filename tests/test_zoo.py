@@ -48,6 +48,7 @@ def test_train_store_list_load_and_verify(trained, monkeypatch, capsys):
     assert zoo.manifest(root) == [row]
     assert row["sha256"] == zoo.sha256_of(root / row["file"]) and row["device"] == "cpu"
     assert row["command"].startswith("labkit train --model fcos")
+    assert row["weights_in_repo"] is False  # seed 3: the repository would not keep its weights
     ckpt = torch.load(root / row["file"], weights_only=True)
     assert {v.dtype for v in ckpt["model"].values() if v.is_floating_point()} == {torch.float16}
     assert ckpt["recipe"]["name"] == "fcos" and ckpt["config"]["max_iters"] == 2
@@ -126,16 +127,60 @@ def _first_train_line(path):
 
 
 def test_every_shipped_zoo_file_loads_with_its_hash_verified():
-    """Each committed zoo model matches its manifest row: hash, size, float16 weights."""
+    """Each zoo model whose weights the repository keeps (seed 0 of every name) matches its
+    manifest row: hash, size, float16 weights. Every row, kept or not, has its log and table."""
     assert ROWS, "data/zoo/MANIFEST.json lists no model"
-    for row in ROWS:
+    kept = [r for r in ROWS if zoo.weights_in_repo(r)]
+    assert [(r["name"], r["seed"]) for r in kept] == sorted({(r["name"], 0) for r in ROWS})
+    for row in kept:
         path = zoo.zoo_dir() / row["file"]
         assert path.stat().st_size == row["bytes"] and zoo.sha256_of(path) == row["sha256"]
-        assert row["bytes"] <= 8 * 2**20, f"{row['file']} is over the 8 MB budget"
         model = zoo.load(row["name"], row["seed"])
         assert not model.training
-        assert (zoo.zoo_dir() / row["file"].replace(".pth", ".coco.txt")).is_file()
-    assert sum(r["bytes"] for r in ROWS) <= 80 * 2**20, "the zoo is over its 80 MB budget"
+    for row in ROWS:
+        assert row["bytes"] <= 8 * 2**20, f"{row['file']} is over the 8 MB budget"
+        for suffix in (".coco.txt", ".log.jsonl"):
+            assert (zoo.zoo_dir() / row["file"].replace(".pth", suffix)).is_file()
+    assert sum(r["bytes"] for r in kept) <= 80 * 2**20, "the zoo is over its 80 MB budget"
+
+
+def test_git_ignores_exactly_the_weights_the_repository_does_not_keep():
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    repo = zoo.zoo_dir().parents[1]
+    names = ["data/zoo/atss-seed0.pth", "data/zoo/atss-seed1.pth", "data/zoo/paa-seed12.pth"]
+    done = subprocess.run(
+        ["git", "check-ignore", "--no-index", *names], cwd=repo, capture_output=True, text=True
+    )
+    if done.returncode == 128:
+        pytest.skip(f"{repo} is not a git checkout")
+    assert done.stdout.split() == names[1:]
+
+
+def test_a_seed_without_kept_weights_says_how_to_get_them(tmp_path):
+    row = {
+        "name": "atss",
+        "seed": 1,
+        "recipe": "atss",
+        "file": "atss-seed1.pth",
+        "sha256": "0" * 64,
+        "bytes": 3_000_000,
+        "weights_in_repo": False,
+        "AP": 0.214,
+        "AP50": 0.333,
+        "train_minutes": 23.7,
+        "device": "cpu",
+    }
+    (tmp_path / "MANIFEST.json").write_text(json.dumps({"models": [row]}))
+    with pytest.raises(FileNotFoundError, match=r"seed 0 only.*labkit zoo train atss --seed 1"):
+        zoo.load("atss", seed=1, root=tmp_path)
+    assert not zoo.weights_in_repo(row)
+    assert zoo.weights_in_repo({"name": "atss", "seed": 0})  # rows written before the field
+    listing = zoo._format_rows([row])
+    assert listing.splitlines()[1].endswith("*") and "keeps seed 0's" in listing
 
 
 # Retraining a prefix costs ~20 s per entry: one seed per zoo name proves the command line
