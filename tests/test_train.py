@@ -356,7 +356,10 @@ def test_amp_on_cpu_refuses_a_model_that_does_not_declare_it():
 
 def test_float16_amp_on_cpu_warns_and_trains_in_float32():
     model = DtypeRecorder()
-    with pytest.warns(UserWarning, match="float16 only acts on CUDA"):
+    with pytest.warns(
+        UserWarning,
+        match=r"float16 acts on CUDA \(and bfloat16 on a CPU\); training in float32 on cpu",
+    ):
         hist = train(model, loader(4, 2), quiet(max_iters=1, amp=True, amp_dtype="float16"))
     assert model.conv_dtypes == [torch.float32]
     assert len(hist.train) == 1

@@ -396,8 +396,9 @@ def _setup(
     if config.amp and not use_amp:
         # stacklevel=3: blame the caller of train(), not this helper.
         warnings.warn(
-            f"amp=True with {config.amp_dtype} only acts on CUDA; training in float32 on "
-            f"{device.type}",
+            f"amp=True with {config.amp_dtype} acts on CUDA"
+            + (" (and bfloat16 on a CPU)" if amp_dtype != torch.bfloat16 else " and on a CPU")
+            + f"; training in float32 on {device.type}",
             stacklevel=3,
         )
     # bf16 has float32's range, so only fp16 needs loss scaling against underflow.
