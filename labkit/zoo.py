@@ -113,8 +113,8 @@ _SHAPES_SCHEDULE = {
 }
 # The same setting with bf16 autocast (``--amp``): a step costs about 0.57x on a CPU with
 # AVX512-BF16, so twice the steps (5,600) fit about the same 20 CPU-minutes: ATSS reaches COCO
-# AP 0.365 (benchmarks/RESULTS.md). FCOS reached 0.342 there and 0.351 with 6,000 steps, so
-# its entry takes 6,000. Dense heads keep targets and losses in float32.
+# AP 0.365 (benchmarks/RESULTS.md). FCOS reached 0.342 there and 0.351 with 6,000 steps (about
+# 23 CPU-minutes), so its entry takes 6,000. Dense heads keep targets and losses in float32.
 _SHAPES_BF16_SCHEDULE = {**_SHAPES_SCHEDULE, "max_iters": 5600, "amp": True}
 _FCOS_BF16_SCHEDULE = {**_SHAPES_BF16_SCHEDULE, "max_iters": 6000}
 # The DETRs: the same data and crops with the recipe's paper optimisation
