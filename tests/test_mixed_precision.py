@@ -42,7 +42,7 @@ def test_dense_losses_under_bf16_autocast_are_float32_on_float32_targets(recipe,
     for key, value in bf16_losses.items():
         assert value.dtype == torch.float32, key
         # bf16 keeps 8 bits of mantissa (0.4 % per value); the losses average many values
-        assert float(value) == pytest.approx(float(losses[key]), rel=5e-3), key
+        assert value.item() == pytest.approx(losses[key].item(), rel=5e-3), key
     if recipe != "paa":  # PAA re-assigns by the losses, whose inputs bf16 rounded
         assert torch.equal(bf16_targets.labels, targets.labels)
 
