@@ -271,14 +271,14 @@ def load(
     root = root or zoo_dir()
     row = manifest_row(name, seed, root)
     path = root / row["file"]
-    if not path.is_file() and not weights_in_repo(row):
-        raise FileNotFoundError(
-            f"name, seed: the repository keeps the weights of seed 0 only (the zoo's 80 MB "
-            f"budget); seed {seed} of {name!r} has its log and COCO table (AP {row['AP']:.3f}). "
-            f"labkit zoo train {name} --seed {seed} writes its weights to {path} "
-            f"(about {row['train_minutes']:.0f} CPU-minutes)"
-        )
     if not path.is_file():
+        if not weights_in_repo(row):
+            raise FileNotFoundError(
+                f"name, seed: the repository keeps the weights of seed 0 only (the zoo's 80 MB "
+                f"budget); seed {seed} of {name!r} has its log and COCO table (AP "
+                f"{row['AP']:.3f}). labkit zoo train {name} --seed {seed} writes its weights to "
+                f"{path} (about {row['train_minutes']:.0f} CPU-minutes)"
+            )
         raise FileNotFoundError(
             f"name: {name!r} seed {seed}: {path} is missing (git lfs? a partial checkout?)"
         )
