@@ -1,14 +1,16 @@
 """What notebook 04 measures on a Deformable-DETR: how a decoder layer's sampling points and
-attention weights sit, for a trained model against the same model at its initialisation."""
+attention weights sit, for a trained model against the same model at its initialisation, how
+much they vary from query to query, and how small the dataset's objects are."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["sampling_statistics", "summarize_sampling"]
+__all__ = ["query_spread", "sampling_statistics", "small_object_count", "summarize_sampling"]
 
 
 @torch.no_grad()
@@ -17,7 +19,8 @@ def sampling_statistics(capture: dict, top_k: int = 10) -> dict[str, Tensor]:
 
     Args:
         capture: from :func:`labkit.viz.deform.capture_decoder_sampling` (``sampling_locations``
-            Tensor[B, Q, heads, L, P, 2] normalized to the padded maps, ``attention_weights``
+            Tensor[B, Q, heads, L, P, 2] normalized to the padded maps, ``sampling_offsets``
+            Tensor[B, Q, heads, L, P, 2] as the layer predicted them, ``attention_weights``
             Tensor[B, Q, heads, L, P], ``boxes`` Tensor[B, Q, 4] normalized cxcywh, ``scores``
             Tensor[B, Q], ``pad_shape`` (H, W)).
         top_k: queries kept per image (all when ``top_k`` exceeds Q); must be >= 1.
@@ -40,7 +43,9 @@ def sampling_statistics(capture: dict, top_k: int = 10) -> dict[str, Tensor]:
     top = scores.topk(k, dim=1).indices  # [B, k]
     take = top[..., None, None, None].expand(-1, -1, *weights.shape[2:])
     w = weights.gather(1, take)  # [B, k, heads, L, P]
-    loc = locations.gather(1, take[..., None].expand(-1, -1, *locations.shape[2:]))
+    take_xy = take[..., None].expand(-1, -1, *locations.shape[2:])
+    loc = locations.gather(1, take_xy)
+    offsets = capture["sampling_offsets"].float().gather(1, take_xy)  # [B, k, heads, L, P, 2]
     box = boxes.gather(1, top[..., None].expand(-1, -1, 4))  # [B, k, 4]
     total = w.sum(dim=(2, 3, 4))  # [B, k]
     level_share = w.sum(dim=(2, 4)) / total[..., None]  # [B, k, L]
@@ -53,6 +58,9 @@ def sampling_statistics(capture: dict, top_k: int = 10) -> dict[str, Tensor]:
         "inside_box": (w * inside).sum(dim=(2, 3, 4)) / total,
         "box_size": (box[..., 2] * pad_w * box[..., 3] * pad_h).sqrt(),
         "score": scores.gather(1, top),
+        "weights": w,
+        "offsets": offsets,
+        "inside": inside,
     }
     return {name: value.flatten(0, 1).cpu() for name, value in out.items()}
 
@@ -64,3 +72,51 @@ def summarize_sampling(stats: Iterable[dict[str, Tensor]]) -> dict[str, Tensor]:
     if not stats:
         raise ValueError("stats: expected at least one sampling_statistics result")
     return {name: torch.cat([s[name] for s in stats]) for name in stats[0]}
+
+
+def query_spread(stats: dict[str, Tensor]) -> dict[str, float]:
+    """How much a layer's attention weights and offsets change from query to query, next to how
+    much they differ between the sampling points of one query.
+
+    Args:
+        stats: :func:`sampling_statistics` (or :func:`summarize_sampling`) output with
+            ``weights`` Tensor[N, heads, L, P] and ``offsets`` Tensor[N, heads, L, P, 2], N >= 2.
+
+    Returns:
+        ``weight_across_queries``: the standard deviation over the N queries of each weight,
+        averaged over the ``heads * L * P`` weights; ``weight_across_points``: the standard
+        deviation over those weights of their mean over the queries (the shared pattern);
+        ``offset_across_queries`` / ``offset_across_points``: the same for every offset
+        coordinate; ``same_largest``: the fraction of queries whose largest weight sits on the
+        (head, level, point) most queries share; ``largest_index``: that point's flat index
+        into ``heads * L * P``. Across-query spreads far below across-point spreads mean the
+        queries all use (nearly) one pattern.
+    """
+    weights, offsets = stats["weights"].float(), stats["offsets"].float()
+    if weights.shape[0] < 2:
+        raise ValueError(f"stats: expected at least 2 queries, got {weights.shape[0]}")
+    largest = weights.flatten(1).argmax(1)  # [N]
+    mode = int(largest.mode().values)
+    return {
+        "weight_across_queries": float(weights.std(0).mean()),
+        "weight_across_points": float(weights.mean(0).std()),
+        "offset_across_queries": float(offsets.std(0).mean()),
+        "offset_across_points": float(offsets.mean(0).std()),
+        "same_largest": float((largest == mode).float().mean()),
+        "largest_index": mode,
+    }
+
+
+def small_object_count(dataset: Any, side: float = 32.0) -> tuple[int, int]:
+    """``(small, total)``: how many of ``dataset``'s ground-truth boxes are smaller than ``side``
+    squared in area (COCO's "small" for ``side = 32``), in the annotation's (original image)
+    pixels, and how many boxes there are. ``dataset`` needs ``len`` and ``get_ann_info(i)``
+    returning ``bboxes`` [K, 4] ``(x1, y1, x2, y2)`` (e.g. :class:`labkit.data.coco.CocoDetection`);
+    crowd boxes are not counted."""
+    small = total = 0
+    for i in range(len(dataset)):
+        boxes = torch.as_tensor(dataset.get_ann_info(i)["bboxes"], dtype=torch.float64)
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])  # [K]
+        small += int((area < side**2).sum())
+        total += len(boxes)
+    return small, total

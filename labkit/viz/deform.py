@@ -61,6 +61,8 @@ def plot_initial_offsets(
     ax.scatter([0], [0], marker="+", color="k", s=80, zorder=4)
     ax.set_aspect("equal")
     ax.invert_yaxis()  # image convention: y grows downwards
+    ax.set_xlabel("offset x (pixels)")
+    ax.set_ylabel("offset y (pixels, positive = down)")
     ax.grid(alpha=0.3)
     ax.set_title(f"initial offsets (pixels of level {level})")
     ax.legend(fontsize=6, loc="upper right", ncol=2)
@@ -84,7 +86,8 @@ def plot_offset_scaling(
 
     Left: a point reference divides offsets by each level's size, so coarse levels spread
     the samples farther. Right: a box reference scales them by ``box / (2 P)``, the same on
-    every level, so the samples follow the box.
+    every level, so the samples follow the box. Both panels are in normalized image
+    coordinates, ``y`` growing downwards as in an image.
     """
     import matplotlib.cm as cm
     import matplotlib.pyplot as plt
@@ -117,7 +120,9 @@ def plot_offset_scaling(
     for ax in axes:
         ax.scatter([point[0]], [point[1]], marker="+", color="k", s=80)
         ax.set_xlim(0, 1)
-        ax.set_ylim(1, 0)
+        ax.set_ylim(1, 0)  # image convention: y grows downwards
+        ax.set_xlabel("x (fraction of the image width)")
+        ax.set_ylabel("y (fraction of the height, 0 = top)")
         ax.set_aspect("equal")
         ax.legend(fontsize=6, loc="lower right")
     return axes
@@ -131,7 +136,8 @@ def capture_decoder_sampling(model: Any, batch: dict, layer: int = -1) -> dict:
     Returns:
         ``{"sampling_locations": Tensor[B, Q, heads, L, P, 2]`` (normalized to each padded
         level map), ``"attention_weights": Tensor[B, Q, heads, L, P]``, ``"reference_points":
-        Tensor[B, Q, L, 2|4]`` (as the attention saw them), ``"spatial_shapes"``,
+        Tensor[B, Q, L, 2|4]`` (as the attention saw them), ``"sampling_offsets": Tensor[B, Q,
+        heads, L, P, 2]`` (the raw offsets the layer predicted), ``"spatial_shapes"``,
         ``"pad_shape"`` ``(H, W)`` of the batch, ``"boxes"`` Tensor[B, Q, 4] normalized
         cxcywh and ``"scores"`` Tensor[B, Q] (best class probability) of the last layer}``.
     """
@@ -155,8 +161,10 @@ def capture_decoder_sampling(model: Any, batch: dict, layer: int = -1) -> dict:
         seen["spatial_shapes"],
         seen["key_padding_mask"],
     )
+    offsets = attn.sampling_offsets(query).view(*weights.shape, 2)  # [B, Q, heads, L, P, 2]
     return {
         "sampling_locations": locations.cpu(),
+        "sampling_offsets": offsets.cpu(),
         "attention_weights": weights.cpu(),
         "reference_points": seen["reference_points"].cpu(),
         "spatial_shapes": seen["spatial_shapes"].cpu(),
@@ -176,15 +184,18 @@ def plot_query_sampling(
     std: Sequence[float] | None = None,
     axes: Any = None,
     zoom: bool = True,
-    point_size: float = 14.0,
+    max_area: float = 400.0,
+    min_area: float = 6.0,
     legend: bool = True,
 ) -> Any:
     """A query's sampling points on every level, coloured by head, area by attention weight.
 
-    Each panel is one level. Points are small (area ``point_size * (0.4 + weight / max weight)``,
-    so near-uniform weights stay readable and never hide the boxes); the predicted box is drawn
-    in white and, for box references, the reference box the samples are placed around in
-    dashed yellow.
+    Each panel is one level. A point's marker area is ``min_area + max_area * weight`` (pt²),
+    the same scale for every query (by default 206 pt² for a weight of 0.5, 31 pt² for a
+    uniform 1/16); heavier points are drawn first so light ones stay on top. Every marker has
+    a black edge and the image is faded towards white, so a head whose colour matches the
+    image stays visible. The predicted box is drawn in white and, for box references, the
+    reference box the samples are placed around in dashed yellow.
 
     Args:
         image: Tensor[3, H, W] the (padded, normalized) input image.
@@ -194,9 +205,11 @@ def plot_query_sampling(
         mean, std: to un-normalize the image for display.
         zoom: limit every panel to the query's boxes and sampling points (plus a margin)
             instead of the whole image.
-        legend: add a figure legend (one colour per head, the two boxes).
+        max_area, min_area: marker area (pt²) per unit of weight, and added to every point.
+        legend: add a figure legend (one colour per head, the two boxes, marker sizes).
     """
     import matplotlib.pyplot as plt
+    from matplotlib import patheffects
     from matplotlib.lines import Line2D
 
     locs = capture["sampling_locations"][batch_index, query]  # [heads, L, P, 2]
@@ -214,7 +227,6 @@ def plot_query_sampling(
         (box[1] + box[3] / 2) * h,
     ]
     colors = _head_colors(num_heads)
-    scale = point_size / max(float(weights.max()), 1e-6)
     ref = capture["reference_points"][batch_index, query]  # [L, 2 | 4], normalized to the pad
     ref_boxes = None
     if ref.shape[-1] == 4:
@@ -230,25 +242,31 @@ def plot_query_sampling(
     x0, x1, y0, y1 = min(xs_all), max(xs_all), min(ys_all), max(ys_all)
     half = 0.55 * max(x1 - x0, y1 - y0, 8.0)
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    head_of_point = np.repeat(np.arange(num_heads), weights.shape[2])  # [heads * P]
     for lvl, ax in enumerate(np.atleast_1d(axes)):
         show_image(image, ax=ax, mean=mean, std=std)
+        fade = plt.Rectangle((0, 0), 1, 1, transform=ax.transAxes, color="w", alpha=0.35, zorder=2)
+        ax.add_patch(fade)  # a paler image lets every head's colour stand out
         lh, lw = capture["spatial_shapes"][lvl].tolist()
-        for head in range(num_heads):
-            xs = locs[head, lvl, :, 0] * pad_w
-            ys = locs[head, lvl, :, 1] * pad_h
-            ax.scatter(
-                xs,
-                ys,
-                s=weights[head, lvl] * scale + 0.4 * point_size,
-                color=colors[head],
-                alpha=0.9,
-                edgecolors="k",
-                linewidths=0.3,
-                zorder=3,
-            )
+        w_lvl = weights[:, lvl].flatten().numpy()  # [heads * P]
+        xy = (locs[:, lvl].reshape(-1, 2) * torch.tensor([pad_w, pad_h])).numpy()  # [heads * P, 2]
+        order = np.argsort(-w_lvl, kind="stable")  # heaviest first: light points stay on top
+        ax.scatter(
+            xy[order, 0],
+            xy[order, 1],
+            s=min_area + max_area * w_lvl[order],
+            color=colors[head_of_point[order]],
+            alpha=0.9,
+            edgecolors="k",
+            linewidths=0.7,
+            zorder=3,
+        )
+        drawn = draw_boxes(ax, [xyxy], color="w", linewidth=1.2)
         if ref_boxes is not None:
-            draw_boxes(ax, [ref_boxes[lvl]], color="yellow", linewidth=1.0, linestyle="--")
-        draw_boxes(ax, [xyxy], color="w", linewidth=1.2)
+            drawn += draw_boxes(ax, [ref_boxes[lvl]], color="yellow", linewidth=1.0, linestyle="--")
+        for rect in drawn:  # a dark outline keeps the light lines visible on the faded image
+            rect.set_path_effects([patheffects.withStroke(linewidth=2.4, foreground="0.2")])
+            rect.set_zorder(4)
         share = float(weights[:, lvl].sum() / weights.sum())
         ax.set_title(f"level {lvl} ({lh}x{lw}): {share:.0%} of weight", fontsize=8)
         if zoom:
@@ -261,8 +279,14 @@ def plot_query_sampling(
     if legend:
         handles = [
             Line2D([], [], marker="o", linestyle="", color=colors[hd], markeredgecolor="k",
-                   markeredgewidth=0.3, label=f"head {hd}")
+                   markeredgewidth=0.7, label=f"head {hd}")
             for hd in range(num_heads)
+        ]  # fmt: skip
+        handles += [
+            Line2D([], [], marker="o", linestyle="", color="0.75", markeredgecolor="k",
+                   markeredgewidth=0.7, markersize=float(np.sqrt(min_area + max_area * wt)),
+                   label=f"weight {wt:g}{' (uniform)' if wt == 1 / 16 else ''}")
+            for wt in (1 / 16, 0.25, 0.5)
         ]  # fmt: skip
         handles.append(Line2D([], [], color="0.4", linewidth=1.2, label="predicted box (white)"))
         if ref_boxes is not None:
@@ -272,7 +296,7 @@ def plot_query_sampling(
         fig = np.atleast_1d(axes)[0].figure
         fig.legend(
             handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.02),
-            ncol=min(len(handles), 6), fontsize=7, frameon=False,
+            ncol=min(len(handles), 7), fontsize=7, frameon=False,
         )  # fmt: skip
     return axes
 
