@@ -5,7 +5,7 @@ import torch
 
 from labkit import grading
 from labkit.grading.feedback import CheckFailed
-from labkit.lessons.detr_matching import one_to_many_gt_inds, toy_problem
+from labkit.lessons.detr_matching import one_to_many_gt_inds, one_to_many_report, toy_problem
 
 
 def _reference_cost(cls_scores, pred_bboxes, gt_bboxes, gt_labels, img_shape):
@@ -104,3 +104,25 @@ def test_toy_problem_matching_is_what_the_notebook_says():
     assert res.gt_inds.tolist() == [1, 2, 3, 0, 0, 0, 0, 0]
     cost = _reference_cost(p.cls_scores, p.pred_bboxes, p.gt_bboxes, p.gt_labels, p.img_shape)
     assert one_to_many_gt_inds(cost, 3).tolist() == [1, 2, 3, 1, 0, 1, 3, 0]
+
+
+def test_one_to_many_report_names_kept_lost_and_background_queries():
+    # GT 0 wants q0, q1; GT 1 wants q1 (cheaper for GT 1: 0.5 < 2.0) and q2; q3 is nobody's
+    cost = torch.tensor([[1.0, 3.0], [2.0, 0.5], [4.0, 1.5], [5.0, 6.0]])
+    assert one_to_many_gt_inds(cost, 2).tolist() == [1, 2, 2, 0]
+    assert one_to_many_report(cost, 2).splitlines() == [
+        "GT 0: cheapest q0 +1.00, q1 +2.00 -> keeps q0; loses q1 to GT 1 (+0.50)",
+        "GT 1: cheapest q1 +0.50, q2 +1.50 -> keeps q1, q2",
+        "background (in no ground truth's 2 cheapest): q3",
+    ]
+    # the notebook's toy problem: GT 1 keeps only q1, q4 and q7 stay background
+    report = one_to_many_report(_reference_cost(*_toy_inputs()), 3).splitlines()
+    assert report[1].startswith(
+        "GT 1: cheapest q1 -1.47, q3 +6.75, q0 +6.99 -> keeps q1; loses q3 to GT 0"
+    )
+    assert report[-1] == "background (in no ground truth's 3 cheapest): q4, q7"
+
+
+def _toy_inputs():
+    p = toy_problem()
+    return p.cls_scores, p.pred_bboxes, p.gt_bboxes, p.gt_labels, p.img_shape

@@ -1,5 +1,9 @@
 """Notebook 03's trained-model analysis: centerness pairs of FCOS's positive points."""
 
+import math
+
+import numpy as np
+import pytest
 import torch
 
 from labkit.heads.fcos import centerness_target
@@ -49,3 +53,30 @@ def test_plot_draws_one_series_per_level_and_the_diagonal():
     # deviations from the means (0.45, 0.45): sum dx*dy = 0.15, sum dx^2 = 0.35, sum dy^2 = 0.21,
     # r = 0.15 / sqrt(0.35 * 0.21) = 0.553
     assert ax.get_title() == "4 positive points, Pearson r = 0.55"
+
+
+def test_fit_by_level_gives_r_bias_and_share_below_the_diagonal():
+    from labkit.lessons.fcos_analysis import centerness_fit_by_level
+
+    pairs = {
+        "target": torch.tensor([0.1, 0.5, 0.9, 0.2, 0.8, 0.4]),
+        "predicted": torch.tensor([0.2, 0.5, 0.8, 0.1, 0.5, 0.6]),
+        "level": torch.tensor([0, 0, 0, 1, 1, 3]),
+    }
+    fit = centerness_fit_by_level(pairs)
+    assert list(fit) == ["P3", "P4", "P6", "all"]
+    # P3: deviations (-0.4, 0, 0.4) and (-0.3, 0, 0.3) -> r = 1; errors (+0.1, 0, -0.1)
+    assert fit["P3"]["n"] == 3 and fit["P3"]["r"] == pytest.approx(1.0)
+    assert fit["P3"]["bias"] == pytest.approx(0.0, abs=1e-6)
+    assert fit["P3"]["below"] == pytest.approx(1 / 3)
+    # P4: both rise -> r = 1; errors (-0.1, -0.3): bias -0.2, both under the diagonal
+    assert fit["P4"]["r"] == pytest.approx(1.0) and fit["P4"]["bias"] == pytest.approx(-0.2)
+    assert fit["P4"]["below"] == 1.0
+    # one point has no correlation
+    assert fit["P6"]["n"] == 1 and math.isnan(fit["P6"]["r"])
+    assert fit["P6"]["bias"] == pytest.approx(0.2) and fit["P6"]["below"] == 0.0
+    # pooled: the six points together (numpy's corrcoef as the reference)
+    expected_r = np.corrcoef([0.1, 0.5, 0.9, 0.2, 0.8, 0.4], [0.2, 0.5, 0.8, 0.1, 0.5, 0.6])[0, 1]
+    assert fit["all"]["n"] == 6 and fit["all"]["r"] == pytest.approx(expected_r)
+    assert fit["all"]["bias"] == pytest.approx((0.1 + 0 - 0.1 - 0.1 - 0.3 + 0.2) / 6)
+    assert fit["all"]["below"] == pytest.approx(3 / 6)

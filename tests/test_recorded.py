@@ -93,3 +93,35 @@ def test_zoo_compare_command_prints_the_table_and_the_verdicts(tmp_path, monkeyp
     assert out[6].startswith("atss vs paa: 3 and 0 recorded seed(s)")
     with pytest.raises(SystemExit, match="unknown zoo names"):
         main(["zoo", "compare", "atss", "nope"])
+
+
+def test_object_sizes_counts_coco_small_and_box_sides(tmp_path):
+    from labkit.data import CocoDetection
+
+    def ann(i, w, h, area, crowd=0):  # COCO's area (here a mask's) and bbox [x, y, w, h]
+        return {"id": i, "image_id": 1, "category_id": 1, "bbox": [0, 0, w, h], "area": area,
+                "iscrowd": crowd}  # fmt: skip
+
+    anns = [ann(1, 10, 10, 80), ann(2, 20, 20, 300), ann(3, 40, 40, 1500), ann(4, 15, 17, 200),
+            ann(5, 5, 5, 20, crowd=1)]  # fmt: skip
+    data = {"images": [{"id": 1, "file_name": "a.png", "width": 64, "height": 64}],
+            "annotations": anns, "categories": [{"id": 1, "name": "box"}]}  # fmt: skip
+    (tmp_path / "ann.json").write_text(json.dumps(data))
+    sizes = recorded.object_sizes(CocoDetection(tmp_path / "ann.json", tmp_path, check_files=False))
+    # the crowd box is not an object; areas 80, 300, 200 < 32^2 = 1024; sides 10 and
+    # sqrt(15 * 17) = 15.97 are under 16 px, 20 and 40 are not
+    assert sizes == {"objects": 4, "coco_small": 0.75, "under_side": 0.5}
+
+
+def test_seed_table_every_seed_lists_each_seed_under_each_metric(tmp_path):
+    root = _zoo(tmp_path, {"a": [0.29, 0.30, 0.31], "nobody": []})
+    table = recorded.seed_table(["a", "nobody"], ("AP", "AP50"), root=root, every_seed=True)
+    lines = table.splitlines()
+    assert "per seed" not in lines[0] and len(lines) == 1 + 1 + 3 + 1
+    assert "0.300 ± 0.010" in lines[1] and "0.600 ± 0.020" in lines[1]
+    assert lines[2].split() == ["seed", "0", "0.290", "0.580"]
+    assert lines[4].split() == ["seed", "2", "0.310", "0.620"]
+    # every value sits under its metric's column (the end of "AP mean ± std" ~ the mean's end)
+    assert lines[2].index("0.290") == lines[1].index("0.300")
+    assert lines[2].index("0.580") == lines[1].index("0.600")
+    assert lines[5].split()[:2] == ["nobody", "0"] and "not trained" in lines[5]

@@ -184,6 +184,12 @@ def test_detr_matching_figures_draw_the_matching():
     ax = detr_viz.plot_matching(problem, gt_inds)
     assert len(ax.patches) == 3 + 8  # ground truths + predictions
     assert len(ax.lines) == 3  # one line per match
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["ground truth (one colour each)", "matched prediction (its object's colour)",
+                      "prediction centre to object centre", "unmatched prediction"]  # fmt: skip
+    before = detr_viz.plot_matching(problem, torch.zeros(8, dtype=torch.long))
+    assert [t.get_text() for t in before.get_legend().get_texts()] == [
+        "ground truth (one colour each)", "unmatched prediction"]  # fmt: skip
     record = {
         "step": [1, 2, 3, 4, 5],
         "flip_fraction": [1.0, 0.5, 0.5, 0.0, 0.5],
@@ -191,6 +197,8 @@ def test_detr_matching_figures_draw_the_matching():
     }
     ax = detr_viz.plot_matching_flips(record, window=2)
     assert [round(y, 3) for y in ax.lines[1].get_ydata()] == [0.75, 0.5, 0.25, 0.25]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "this step", "mean of 2 steps", "training loss (right axis)"]  # fmt: skip
     plt.close("all")
 
 
@@ -213,3 +221,40 @@ def test_the_covariance_sensitive_gt_is_the_one_whose_kept_count_moves_most():
     # equal spreads: more candidates wins, then the lower index
     sels = {"full": sel([1, 1, 1], [4, 7, 7]), "tied": sel([2, 2, 2], [4, 7, 7])}
     assert most_covariance_sensitive_gt(sels) == 1
+
+
+def test_cost_explorer_title_names_the_three_weights(monkeypatch):
+    from labkit.lessons.detr_matching import toy_problem
+    from labkit.viz import detr as detr_viz
+
+    monkeypatch.setenv("LABKIT_HEADLESS", "1")
+    monkeypatch.setattr(plt, "show", lambda: None)
+    detr_viz.cost_explorer(toy_problem())
+    titles = [ax.get_title() for ax in plt.gcf().axes]
+    assert "weights: class 2.0, L1 5.0, GIoU 2.0" in titles
+
+
+def test_paa_gmm_summary_reports_groups_and_components():
+    from types import SimpleNamespace
+
+    from labkit.viz.assign import paa_gmm_summary
+
+    # GT 0: one candidate, not fitted; GT 1: three candidates, two kept
+    selection = SimpleNamespace(
+        cand_losses=torch.tensor([[0.5, 0.0, 0.0], [0.1, 0.2, 0.9]], dtype=torch.float64),
+        cand_mask=torch.tensor([[True, False, False], [True, True, True]]),
+        keep=torch.tensor([[False, False, False], [True, True, False]]),
+        fitted=torch.tensor([False, True]),
+        gmm=SimpleNamespace(
+            means=torch.tensor([[0.15, 0.9]]),
+            variances=torch.tensor([[0.0025, 1e-4]]),
+            n_iter=torch.tensor([4]),
+        ),
+    )
+    assert paa_gmm_summary(selection, 1) == (
+        "GT 1: kept 2 with losses 0.10-0.20; dropped 1 with loss 0.90; "
+        "component 0 mean 0.15 sd 0.05, component 1 mean 0.90 sd 0.01; 4 EM iterations"
+    )
+    assert paa_gmm_summary(selection, 0) == (
+        "GT 0: kept 0; dropped 1 with loss 0.50; no mixture fitted (fewer than two candidates)"
+    )

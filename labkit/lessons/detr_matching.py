@@ -15,6 +15,7 @@ __all__ = [
     "cost_terms",
     "matching_flips",
     "one_to_many_gt_inds",
+    "one_to_many_report",
     "toy_problem",
 ]
 
@@ -118,6 +119,37 @@ def one_to_many_gt_inds(cost: Tensor, k: int) -> Tensor:
     chosen = torch.isfinite(best_cost)
     gt_inds[chosen] = best_gt[chosen] + 1
     return gt_inds
+
+
+def one_to_many_report(cost: Tensor, k: int) -> str:
+    """Why :func:`one_to_many_gt_inds` gives each ground truth the queries it gets, in words.
+
+    Args:
+        cost: Tensor[N, K] matching cost (queries x ground truths).
+        k: queries per ground truth.
+
+    Returns:
+        One line per ground truth ``j``: its ``k`` cheapest queries with their costs, the ones it
+        keeps, and for each one it loses the ground truth that takes it (and that one's cost);
+        then a line naming the queries in no ground truth's ``k`` cheapest (background), e.g.
+        ``"GT 1: cheapest q1 -1.47, q0 +6.99 -> keeps q1; loses q0 to GT 0 (-3.85)"``.
+    """
+    gt_inds = one_to_many_gt_inds(cost, k)
+    num_queries, num_gts = cost.shape
+    lines = []
+    for j in range(num_gts):
+        top = cost[:, j].topk(min(k, num_queries), largest=False).indices.tolist()
+        wanted = ", ".join(f"q{q} {float(cost[q, j]):+.2f}" for q in top)
+        kept = [f"q{q}" for q in top if int(gt_inds[q]) == j + 1]
+        lost = [f"q{q} to GT {int(gt_inds[q]) - 1} ({float(cost[q, int(gt_inds[q]) - 1]):+.2f})"
+                for q in top if int(gt_inds[q]) != j + 1]  # fmt: skip
+        line = f"GT {j}: cheapest {wanted} -> keeps {', '.join(kept) or 'none'}"
+        lines.append(line + (f"; loses {', '.join(lost)}" if lost else ""))
+    background = [f"q{q}" for q in range(num_queries) if int(gt_inds[q]) == 0]
+    lines.append(
+        f"background (in no ground truth's {k} cheapest): {', '.join(background) or 'none'}"
+    )
+    return "\n".join(lines)
 
 
 @torch.no_grad()

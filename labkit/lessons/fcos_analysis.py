@@ -8,7 +8,7 @@ from torch import Tensor
 from labkit.heads.dense_head import flatten_levels
 from labkit.heads.fcos import centerness_target
 
-__all__ = ["centerness_pairs"]
+__all__ = ["centerness_fit_by_level", "centerness_pairs"]
 
 
 @torch.no_grad()
@@ -37,3 +37,33 @@ def centerness_pairs(model: torch.nn.Module, batch: dict) -> dict[str, Tensor]:
         out["score"].append(cls[i, pos, targets.labels[i, pos]])
         out["level"].append(level_of_point[pos])
     return {k: torch.cat(v).cpu() for k, v in out.items()}
+
+
+def centerness_fit_by_level(pairs: dict[str, Tensor]) -> dict[str, dict[str, float]]:
+    """How closely the predicted centerness follows its target, per FPN level and pooled.
+
+    Args:
+        pairs: :func:`centerness_pairs`' output; uses ``"target"`` and ``"predicted"``
+            (Tensor[P]) and ``"level"`` (LongTensor[P], 0 = P3).
+
+    Returns:
+        ``{"P3": row, ..., "all": row}`` for the levels present (finest first), each row
+        ``{"n": points, "r": Pearson's r (NaN below two points or without spread),
+        "bias": mean of predicted - target, "below": fraction of points with predicted <
+        target (under the diagonal of the scatter)}``.
+    """
+    target, predicted, level = pairs["target"], pairs["predicted"], pairs["level"]
+    groups = {f"P{lvl + 3}": level == lvl for lvl in sorted(level.unique().tolist())}
+    groups["all"] = torch.ones_like(level, dtype=torch.bool)
+    out = {}
+    for name, sel in groups.items():
+        t, p = target[sel].double(), predicted[sel].double()
+        n = len(t)
+        r = float(torch.corrcoef(torch.stack([t, p]))[0, 1]) if n > 1 else float("nan")
+        out[name] = {
+            "n": n,
+            "r": r,
+            "bias": float((p - t).mean()) if n else float("nan"),
+            "below": float((p < t).double().mean()) if n else float("nan"),
+        }
+    return out

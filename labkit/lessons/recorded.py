@@ -11,10 +11,12 @@ new seed that changes a verdict fails the suite until the text is updated.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from labkit import zoo
+from labkit.data import CocoDetection
 
 __all__ = [
     "Claim",
@@ -22,6 +24,7 @@ __all__ = [
     "LessonClaim",
     "claim",
     "loss_curve",
+    "object_sizes",
     "seed_table",
     "val_curve",
 ]
@@ -85,11 +88,16 @@ def claim(first: str, second: str, metric: str = "AP", root: Path | None = None)
                  verdict)  # fmt: skip
 
 
-def seed_table(names: list[str], metrics: tuple[str, ...] = ("AP", "AP50"), root=None) -> str:
+def seed_table(
+    names: list[str], metrics: tuple[str, ...] = ("AP", "AP50"), root=None, every_seed: bool = False
+) -> str:
     """A text table: per zoo name, the number of seeds and mean ± std of each metric, then every
-    seed's value of the first metric. Untrained names show ``-``."""
+    seed's value of the first metric. Untrained names show ``-``.
+
+    With ``every_seed`` each name's row is instead followed by one row per seed (``  seed S``)
+    giving that seed's value of every metric, under the metric's column."""
     head = f"{'model':<24} {'seeds':>5}" + "".join(f" {m + ' mean ± std':>19}" for m in metrics)
-    lines = [head + f"   per seed ({metrics[0]})"]
+    lines = [head if every_seed else head + f"   per seed ({metrics[0]})"]
     for name in names:
         columns = [zoo.compare([name], metric, root)[0] for metric in metrics]
         cols = columns[0]
@@ -101,6 +109,16 @@ def seed_table(names: list[str], metrics: tuple[str, ...] = ("AP", "AP50"), root
                 text += f" {c['mean']:>10.3f} ± {'n/a':<6}"
             else:
                 text += f" {c['mean']:>10.3f} ± {c['std']:<6.3f}"
+        if every_seed:
+            lines.append(text.rstrip() if cols["n"] else text + "   not trained")
+            by_seed = [dict(zip(c["seeds"], c["values"], strict=True)) for c in columns]
+            for seed in cols["seeds"]:
+                values = "".join(
+                    f" {v[seed]:>10.3f}{'':<9}" if seed in v else f" {'-':>10}{'':<9}"
+                    for v in by_seed
+                )
+                lines.append(f"{'  seed ' + str(seed):<24} {'':>5}{values}".rstrip())
+            continue
         per_seed = ", ".join(
             f"s{s}: {v:.3f}" for s, v in zip(cols["seeds"], cols["values"], strict=True)
         )
@@ -167,3 +185,20 @@ LESSON_CLAIMS: tuple[LessonClaim, ...] = (
 def mean_of(name: str, metric: str = "AP", root=None) -> float | None:
     """The mean of ``metric`` over the recorded seeds of ``name`` (``None`` when untrained)."""
     return zoo.compare([name], metric, root)[0]["mean"]
+
+
+def object_sizes(dataset: CocoDetection, small_area: float = 32.0**2, side: float = 16.0) -> dict:
+    """How small the objects of a COCO-format ``dataset`` are, as COCO evaluation counts them.
+
+    Over the non-crowd annotations of the dataset's images, returns ``{"objects": n,
+    "coco_small": share whose annotation ``area`` is below ``small_area`` (COCO's "small", the
+    objects APs is computed on), "under_side": share whose box side sqrt(w * h) is below
+    ``side`` px}``, shares in [0, 1] (``0.0`` when there are no objects).
+    """
+    images = set(dataset.image_ids)
+    anns = [a for a in dataset.coco.dataset["annotations"]
+            if a["image_id"] in images and not a.get("iscrowd", 0)]  # fmt: skip
+    n = len(anns)
+    small = sum(a["area"] < small_area for a in anns)
+    tiny = sum(math.sqrt(a["bbox"][2] * a["bbox"][3]) < side for a in anns)
+    return {"objects": n, "coco_small": small / max(n, 1), "under_side": tiny / max(n, 1)}

@@ -155,12 +155,19 @@ def draw_assignment(
     gt_bboxes: Tensor,
     assign: PointAssignment,
     title: str | None = None,
-    size: float = 10,
+    dot_px: float = 7.0,
     legend: bool = False,
 ) -> Any:
-    """Image, GT boxes (colour = GT index) and every positive prior in its GT's colour
-    (marker size grows with the level; a thin white edge keeps dots visible on any object).
-    ``legend`` adds one entry per GT ("GT k")."""
+    """Image, GT boxes (colour = GT index) and every positive prior in its GT's colour.
+
+    Dots are sized in image pixels, so they keep their size relative to the point grid on
+    any panel: a finest-level (stride 8) dot is ``dot_px`` pixels across (7 of the 8 between
+    neighbours), a dot of level ``l`` ``dot_px * sqrt(1 + l)``, so coarser levels read as
+    larger dots; a thin white edge keeps them visible on any object. ``legend`` adds one
+    entry per GT ("GT k").
+    """
+    from matplotlib.collections import EllipseCollection
+
     show_image(img, ax, title=title)
     h, w = ax.get_images()[-1].get_array().shape[:2]
     for k, box in enumerate(gt_bboxes):
@@ -169,10 +176,12 @@ def draw_assignment(
         for lvl in assign.level[pos].unique().tolist():
             sel = pos & (assign.level == lvl)
             pts = assign.points[sel].detach().cpu().numpy().reshape(-1, 2)
-            ax.scatter(
-                pts[:, 0], pts[:, 1], s=size * (1 + lvl), c=[class_color(k)],
-                edgecolors="white", linewidths=0.4,
-            )  # fmt: skip
+            diameter = np.full(len(pts), dot_px * (1 + lvl) ** 0.5)
+            ax.add_collection(EllipseCollection(
+                diameter, diameter, np.zeros(len(pts)), units="xy", offsets=pts,
+                offset_transform=ax.transData, facecolors=[class_color(k)],
+                edgecolors="white", linewidths=0.5, zorder=3,
+            ))  # fmt: skip
         if legend:
             ax.scatter([], [], s=20, c=[class_color(k)], marker="s", label=f"GT {k}")
     if legend:
@@ -180,6 +189,29 @@ def draw_assignment(
     ax.set_xlim(0, w)
     ax.set_ylim(h, 0)
     return ax
+
+
+def _gt_legend(
+    fig: Any,
+    gt_bboxes: Tensor,
+    class_names: Sequence[str] | None = None,
+    labels: Sequence[int] | None = None,
+    title: str = "objects (box and dot colour)",
+) -> Any:
+    """A figure legend under ``fig``: one entry per GT ("GT k", plus class and size when
+    ``class_names`` and ``labels`` are given) in the GT's colour."""
+    from matplotlib.patches import Patch
+
+    handles = []
+    for k, box in enumerate(gt_bboxes.tolist()):
+        text = f"GT {k}"
+        if class_names is not None and labels is not None:
+            text += f": {class_names[int(labels[k])]} {box[2] - box[0]:.0f}x{box[3] - box[1]:.0f}"
+        handles.append(Patch(facecolor=class_color(k), label=text))
+    return fig.legend(
+        handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+        ncol=min(len(handles), 6) or 1, fontsize=8, frameon=False, title=title, title_fontsize=8,
+    )  # fmt: skip
 
 
 def plot_levels(
@@ -199,33 +231,39 @@ def plot_levels(
     are black and a figure legend names the objects ("GT k", plus the class and size when
     ``class_names`` and ``labels`` are given). ``ncols``: panels per row (default one row).
     """
-    from matplotlib.patches import Patch
-
     ncols = len(strides) if ncols is None else ncols
     fig, axes = grid(len(strides), ncols=ncols, size=size, title=title)
     for lvl, (ax, s) in enumerate(zip(axes, strides, strict=True)):
         sub = assign.level == lvl
         one = PointAssignment(assign.points[sub], assign.level[sub], assign.gt_inds[sub])
         draw_assignment(
-            ax,
-            img,
-            gt_bboxes,
-            one,
-            title=f"stride {s}: {int((one.gt_inds >= 0).sum())} pos",
-            size=6,
+            ax, img, gt_bboxes, one, title=f"stride {s}: {int((one.gt_inds >= 0).sum())} pos"
         )
-    handles = []
-    for k, box in enumerate(gt_bboxes.tolist()):
-        text = f"GT {k}"
-        if class_names is not None and labels is not None:
-            text += f": {class_names[int(labels[k])]} {box[2] - box[0]:.0f}x{box[3] - box[1]:.0f}"
-        handles.append(Patch(facecolor=class_color(k), label=text))
     fig.tight_layout()
-    fig.legend(
-        handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0),
-        ncol=min(len(handles), 6) or 1, fontsize=8, frameon=False, title="objects (box and dot colour)",
-        title_fontsize=8,
-    )  # fmt: skip
+    _gt_legend(fig, gt_bboxes, class_names, labels)
+    return fig
+
+
+def plot_assignments(
+    img: Any,
+    gt_bboxes: Tensor,
+    assignments: dict[str, PointAssignment],
+    class_names: Sequence[str] | None = None,
+    labels: Sequence[int] | None = None,
+    size: float = 3.5,
+) -> Any:
+    """One panel per method (``assignments``: name -> its :class:`PointAssignment` of the
+    same image), all levels together, with a legend of the objects under the figure.
+
+    Colour is the object (GT index), dot size the level (:func:`draw_assignment`).
+    ``class_names`` and ``labels`` (LongTensor[K]) add each object's class and size.
+    """
+    fig, axes = grid(len(assignments), ncols=len(assignments), size=size)
+    for ax, (name, assign) in zip(axes, assignments.items(), strict=True):
+        draw_assignment(ax, img, gt_bboxes, assign, title=name)
+    fig.tight_layout()
+    _gt_legend(fig, gt_bboxes, class_names, labels,
+               title="objects (box and dot colour); a larger dot is a coarser level")  # fmt: skip
     return fig
 
 
@@ -279,6 +317,24 @@ def centerness_field(box: Sequence[float], size: tuple[int, int]) -> np.ndarray:
     return np.where(inside, c, 0.0)
 
 
+def plot_centerness_field(box: Sequence[float], size: tuple[int, int], ax: Any = None) -> Any:
+    """Heatmap of :func:`centerness_field` (one xyxy ``box`` on an (h, w) canvas) in pixel
+    coordinates, with the box outlined, labelled axes and a labelled colour bar."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5.2, 3.8))
+    h, w = size
+    im = ax.imshow(centerness_field(box, size), cmap="viridis", vmin=0, vmax=1,
+                   extent=(0, w, h, 0))  # fmt: skip
+    draw_boxes(ax, [list(box)], color="white", linewidth=0.8)
+    ax.set_xlabel("x (px)")
+    ax.set_ylabel("y (px)")
+    ax.set_title(f"centerness target inside a {box[2] - box[0]:g} x {box[3] - box[1]:g} box")
+    ax.figure.colorbar(im, ax=ax, label="centerness target (0 outside the box)")
+    return ax
+
+
 def ambiguous_points(
     gt_bboxes: Tensor, img_shape: tuple[int, int], strides: Sequence[int] = STRIDES
 ) -> Tensor:
@@ -319,6 +375,60 @@ def scaled_regress_ranges(scale: float) -> tuple[tuple[float, float], ...]:
     )
 
 
+# The settings the explorer's text compares (notebook 03): radius 0.5 / 1.5 / 3 with center
+# sampling, then all points inside with the regress ranges x 1, x 2 and x 0.5.
+WHAT_IF_SETTINGS: tuple[dict[str, Any], ...] = (
+    {"center_sampling": True, "radius": 0.5},
+    {"center_sampling": True, "radius": 1.5},
+    {"center_sampling": True, "radius": 3.0},
+    {"center_sampling": False},
+    {"center_sampling": False, "range_scale": 2.0},
+    {"center_sampling": False, "range_scale": 0.5},
+)
+
+
+def fcos_what_if_counts(
+    gt_bboxes: Tensor,
+    img_shape: tuple[int, int],
+    settings: Sequence[dict[str, Any]] = WHAT_IF_SETTINGS,
+) -> Tensor:
+    """LongTensor[S, K, L]: FCOS positives of every GT (K) on every level (L) for each of the
+    S settings, a dict of ``center_sampling`` (default True), ``radius`` (strides, default 1.5)
+    and ``range_scale`` (default 1; :func:`scaled_regress_ranges`), as the explorer draws them."""
+    counts = []
+    for setting in settings:
+        assign = fcos_assignment(
+            gt_bboxes, img_shape,
+            regress_ranges=scaled_regress_ranges(setting.get("range_scale", 1.0)),
+            center_sampling=setting.get("center_sampling", True),
+            radius=setting.get("radius", 1.5),
+        )  # fmt: skip
+        counts.append(assign.positives_per_gt(len(gt_bboxes)))
+    return torch.stack(counts)
+
+
+def fcos_what_if_table(
+    gt_bboxes: Tensor,
+    img_shape: tuple[int, int],
+    settings: Sequence[dict[str, Any]] = WHAT_IF_SETTINGS,
+) -> str:
+    """A text table of :func:`fcos_what_if_counts`, one line per setting: the positives on each
+    level (P3-P7), of each GT, and in all."""
+    counts = fcos_what_if_counts(gt_bboxes, img_shape, settings)
+    levels = "".join(f"{f'P{i + 3}':>5}" for i in range(counts.shape[2]))
+    lines = [f"{'setting':<34}{levels}   {'positives per GT':<28}all"]
+    for setting, c in zip(settings, counts, strict=True):
+        if setting.get("center_sampling", True):
+            name = f"center sampling r {setting.get('radius', 1.5):g}"
+        else:
+            name = "all points inside"
+        name += f", ranges x {setting.get('range_scale', 1.0):g}"
+        per_level = "".join(f"{n:5d}" for n in c.sum(0).tolist())
+        per_gt = str(c.sum(1).tolist())
+        lines.append(f"{name:<34}{per_level}   {per_gt:<28}{int(c.sum()):>3}")
+    return "\n".join(lines)
+
+
 def plot_fcos_what_if(
     img: Any,
     gt_bboxes: Tensor,
@@ -353,7 +463,7 @@ def plot_fcos_what_if(
         lo, hi = ranges[lvl]
         hi_text = "inf" if hi >= FCOS_REGRESS_RANGES[-1][1] else f"{hi:.0f}"
         draw_assignment(
-            axes[0, lvl], img, gt_bboxes, one, size=6,
+            axes[0, lvl], img, gt_bboxes, one,
             title=f"stride {s}, range [{lo:.0f}, {hi_text}]\n{int((one.gt_inds >= 0).sum())} positives",
         )  # fmt: skip
         ax = axes[1, lvl]

@@ -21,6 +21,7 @@ __all__ = [
     "assignment_explorer",
     "level_of_priors",
     "most_covariance_sensitive_gt",
+    "paa_gmm_summary",
     "plot_atss_thresholds",
     "plot_covariance_types",
     "plot_paa_gmm",
@@ -264,6 +265,41 @@ def plot_paa_gmm(
     if legend:
         ax.legend(fontsize=8, framealpha=0.8)
     return ax
+
+
+def _loss_range(losses: Tensor) -> str:
+    if len(losses) == 0:
+        return ""
+    if len(losses) == 1:
+        return f" with loss {float(losses[0]):.2f}"
+    return f" with losses {float(losses.min()):.2f}-{float(losses.max()):.2f}"
+
+
+def paa_gmm_summary(selection: PAASelection, gt: int) -> str:
+    """One GT's PAA outcome in a line: kept and dropped candidates and the two fitted Gaussians.
+
+    Reads ``selection.cand_losses / cand_mask / keep: [K, M]`` at row ``gt`` and, when the GT
+    was fitted, its GMM row (``means / variances: [2]``, component 0 = low loss, and ``n_iter``),
+    e.g. ``"GT 0: kept 2 with losses 0.10-0.20; dropped 1 with loss 0.90; component 0 mean 0.15
+    sd 0.05, component 1 mean 0.90 sd 0.01; 4 EM iterations"``. The standard deviations can be
+    compared with the spread of the kept losses: a component much wider than its group has not
+    separated it.
+    """
+    mask = selection.cand_mask[gt].cpu()
+    losses = selection.cand_losses[gt].cpu()[mask]
+    keep = selection.keep[gt].cpu()[mask]
+    parts = []
+    for word, group in (("kept", losses[keep]), ("dropped", losses[~keep])):
+        parts.append(f"{word} {len(group)}{_loss_range(group)}")
+    if bool(selection.fitted[gt]):
+        row = int(selection.fitted[:gt].sum())  # GMM rows exist for fitted GTs only
+        mu = selection.gmm.means[row].cpu().tolist()
+        sd = selection.gmm.variances[row].cpu().sqrt().tolist()
+        parts.append(", ".join(f"component {c} mean {mu[c]:.2f} sd {sd[c]:.2f}" for c in (0, 1)))
+        parts.append(f"{int(selection.gmm.n_iter[row])} EM iterations")
+    else:
+        parts.append("no mixture fitted (fewer than two candidates)")
+    return f"GT {gt}: " + "; ".join(parts)
 
 
 def plot_covariance_types(

@@ -25,11 +25,14 @@ def plot_matching(
     ax: Any = None,
     title: str | None = None,
     class_names: Sequence[str] | None = None,
+    legend: bool = True,
 ) -> Any:
     """The image frame with ground truths (thick, one colour each) and every prediction (thin
-    grey, numbered); a prediction matched to ground truth ``j`` (``gt_inds == j + 1``) is drawn
-    in ``j``'s colour and joined to it by a line."""
+    grey, dotted, numbered); a prediction matched to ground truth ``j`` (``gt_inds: [N]``,
+    ``j + 1``) is drawn solid in ``j``'s colour, with a line from its centre to ``j``'s centre
+    (short when the boxes are close). ``legend`` explains these marks under the frame."""
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Rectangle
 
     if ax is None:
@@ -61,6 +64,18 @@ def plot_matching(
     ax.set_yticks([])
     if title:
         ax.set_title(title, fontsize=10)
+    if legend:
+        matched = bool((gt_inds > 0).any())
+        entries = [(Line2D([], [], color="0.3", lw=3), "ground truth (one colour each)")]
+        if matched:
+            entries += [
+                (Line2D([], [], color="0.3", lw=1.2), "matched prediction (its object's colour)"),
+                (Line2D([], [], color="0.3", lw=0.8), "prediction centre to object centre"),
+            ]  # fmt: skip
+        if not bool((gt_inds > 0).all()):
+            entries.append((Line2D([], [], color="0.55", lw=1.2, ls=":"), "unmatched prediction"))
+        ax.legend(*zip(*entries, strict=True), loc="upper center", bbox_to_anchor=(0.5, 0.0),
+                  ncol=2, fontsize=7, frameon=False)  # fmt: skip
     return ax
 
 
@@ -99,7 +114,8 @@ def plot_cost_terms(
 
 def plot_matching_flips(record: dict, ax: Any = None, window: int = 5) -> Any:
     """Share of probe ground truths whose matched query changed at each step, with a running
-    mean over ``window`` steps, and the training loss on a second axis."""
+    mean over ``window`` steps, and the training loss on a second axis (one legend for all
+    three)."""
     import matplotlib.pyplot as plt
 
     if ax is None:
@@ -115,9 +131,11 @@ def plot_matching_flips(record: dict, ax: Any = None, window: int = 5) -> Any:
     ax.set_xlabel("training step")
     ax.set_ylabel("GTs whose query changed", color="tab:blue")
     twin = ax.twinx()
-    twin.plot(steps, record["loss"], color="tab:orange", lw=1)
+    (loss_line,) = twin.plot(steps, record["loss"], color="tab:orange", lw=1, label="training loss")
     twin.set_ylabel("training loss", color="tab:orange")
-    ax.legend(fontsize=8, loc="lower left")
+    handles, labels = ax.get_legend_handles_labels()
+    ax.legend(handles + [loss_line], labels + ["training loss (right axis)"], fontsize=8,
+              loc="lower left")  # fmt: skip
     return ax
 
 
@@ -138,7 +156,7 @@ def cost_explorer(problem: Any, class_names: Sequence[str] | None = None) -> Non
         gt_inds[torch.as_tensor(rows)] = torch.as_tensor(cols) + 1
         fig, (a, b) = plt.subplots(1, 2, figsize=(10.0, 3.9), width_ratios=(1.0, 1.4))
         plot_cost_terms({"total": terms["total"]}, gt_inds, axes=[a])
-        plot_matching(problem, gt_inds, ax=b, title=f"weights {w_class}, {w_l1}, {w_giou}",
+        plot_matching(problem, gt_inds, ax=b, title=f"weights: class {w_class}, L1 {w_l1}, GIoU {w_giou}",
                       class_names=class_names)  # fmt: skip
         plt.show()
 
