@@ -331,3 +331,35 @@ def test_anchor_plots_draw_without_error():
     rows = anchor_viz.positives_by_size(gen, (64, 96), [16, 32], num_boxes=3)
     anchor_viz.plot_positives_by_size(rows)
     plt.close("all")
+
+
+def test_anchor_figures_label_their_axes_and_explain_their_marks():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from labkit.viz import anchors as anchor_viz
+
+    gen = AnchorGenerator(strides=[8, 16], ratios=[0.5, 1.0, 2.0], scales=[4.0, 8.0])
+    ax = anchor_viz.plot_base_anchors(gen, level=0)
+    assert ax.get_xlabel() == "x (pixels from the centre)"
+    assert ax.get_ylabel() == "y (pixels from the centre)"
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == [
+        "ratio h/w = 0.5", "ratio h/w = 1", "ratio h/w = 2", "scale 4.00", "scale 8.00"
+    ]  # fmt: skip
+    widths = [h.get_linewidth() for h in ax.get_legend().legend_handles[3:]]
+    assert widths == pytest.approx([0.8, 1.6])  # the line width the scale's anchors are drawn with
+
+    sizes = featmap_sizes_from_shape((64, 64), gen.strides)
+    img = torch.rand(3, 64, 64)
+    fig, _ = anchor_viz.plot_level_grids(img, gen, sizes, size=1.5)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [
+        "anchor centres, one per cell (colour: level)",
+        "the 6 anchors of the cell at the image centre",
+        "their common centre",
+    ]
+    ax = anchor_viz.plot_anchor_centres_zoom(img, gen, sizes, level=0, cell=(1, 1), num_cells=3)
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("x (pixels)", "y (pixels)")
+    plt.close("all")

@@ -7,7 +7,7 @@ import torch
 from labkit.data import collate
 from labkit.data.shapes import CLASSES, shapes_dataset
 from labkit.data.transforms import test_transforms
-from labkit.lessons.pipeline import trace_pipeline
+from labkit.lessons.pipeline import PipelineTrace, pipeline_summary, trace_pipeline
 from labkit.recipes import atss, fcos, retinanet
 
 matplotlib.use("Agg")
@@ -64,6 +64,40 @@ def test_pipeline_figure_draws_eight_panels_and_seven_arrows(batch):
     assert len(panels) == 8
     assert len(fig.artists) == 7  # the data-flow arrows
     assert "positive anchors" in panels[4].get_title()
+    assert panels[5].get_xlabel() == "loss on this image"
+    assert panels[5].get_title().startswith("loss ") and "sum of the bars" in panels[5].get_title()
+
+
+def test_pipeline_summary_states_each_stage_and_the_confident_detections():
+    from labkit.heads.dense_head import TestConfig
+
+    boxes = torch.tensor([[59.6, 277.4, 127.3, 395.8], [59.6, 277.4, 127.3, 395.8], [0, 0, 9, 9]])
+    trace = PipelineTrace(
+        img=torch.zeros(3, 8, 8), gt_bboxes=torch.zeros(0, 4), gt_labels=torch.zeros(0).long(),
+        backbone=[], fpn=[], objectness=[], anchors=torch.zeros(20, 4), num_level_anchors=[20],
+        positive_anchors=torch.tensor([3, 4]), positive_gt=torch.tensor([0, 0]),
+        losses={"loss_cls": 0.25, "loss_bbox": 0.5},
+        before_nms={"boxes": torch.zeros(7, 4), "scores": torch.zeros(7), "labels": torch.zeros(7)},
+        after_nms={"boxes": boxes, "scores": torch.tensor([0.44, 0.46, 0.1]),
+                   "labels": torch.tensor([0, 1, 0])},
+    )  # fmt: skip
+    cfg = TestConfig(nms_pre=1000, score_thr=0.05, iou_threshold=0.6, max_per_img=100)
+    assert pipeline_summary(trace, ["ellipse", "rectangle"], cfg).splitlines() == [
+        "20 anchors, 2 positive; loss cls 0.250 + bbox 0.500 = 0.750",
+        "7 boxes above the score threshold (class score > 0.05, at most 1000 per level); "
+        "NMS at IoU 0.6 per class keeps 3 (at most 100)",
+        "2 detections with score >= 0.3:",  # by descending score: one box, two classes
+        "   rectangle 0.46  [60, 277, 127, 396]",
+        "     ellipse 0.44  [60, 277, 127, 396]",
+    ]
+    lines = pipeline_summary(trace, min_score=0.05).splitlines()
+    assert lines[1] == "7 boxes above the score threshold, 3 after NMS"
+    assert lines[2:] == [
+        "3 detections with score >= 0.05:",
+        "           1 0.46  [60, 277, 127, 396]",
+        "           0 0.44  [60, 277, 127, 396]",
+        "           0 0.10  [0, 0, 9, 9]",
+    ]
 
 
 def test_positive_queries_by_layer_counts_each_source(batch):

@@ -81,6 +81,22 @@ def test_draw_boxes_geometry_colours_and_captions():
     assert [t.get_text() for t in ax.texts] == ["b 0.50", "a 0.25"]
 
 
+def test_draw_boxes_stacks_captions_of_boxes_sharing_a_corner():
+    # per-class NMS can keep one box twice (two classes): both captions must stay readable
+    _, ax = plt.subplots()
+    box = [60.0, 277.0, 127.0, 396.0]
+    viz.draw_boxes(
+        ax, [box, box, [5, 108, 39, 154]], labels=[1, 0, 1], scores=[0.46, 0.44, 0.32],
+        class_names=["ellipse", "rectangle"], fontsize=7,
+    )  # fmt: skip
+    texts = ax.texts
+    assert [t.get_text() for t in texts] == ["rectangle 0.46", "ellipse 0.44", "rectangle 0.32"]
+    assert texts[0].get_position() == (60.0, 277.0) and texts[2].get_position() == (5, 108)
+    # the second caption at that corner sits one line (7 pt + 3 pt padding) above the first
+    assert texts[1].xy == (60.0, 277.0)
+    assert texts[1].xyann == (0, 10) and texts[1].anncoords == "offset points"
+
+
 def test_draw_boxes_fixed_colour_style_and_no_captions():
     _, ax = plt.subplots()
     rects = viz.draw_boxes(ax, [[0, 0, 1, 1]], color="white", linestyle="--", linewidth=3)

@@ -1,16 +1,18 @@
 """Notebook 01's opening picture: one image through a whole anchor-based detector, with the real
-tensors of every stage (backbone, FPN, head, assignment, loss; decode, NMS)."""
+tensors of every stage (backbone, FPN, head, assignment, loss; decode, NMS), and its numbers."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from labkit.detectors.single_stage import SingleStageDetector
 
-__all__ = ["PipelineTrace", "trace_pipeline"]
+__all__ = ["PipelineTrace", "pipeline_summary", "trace_pipeline"]
 
 
 @dataclass
@@ -113,3 +115,49 @@ def trace_pipeline(model: SingleStageDetector, batch: dict) -> PipelineTrace:
         before_nms={k: v.cpu() for k, v in before.items()},
         after_nms={k: v.cpu() for k, v in after.items()},
     )
+
+
+def pipeline_summary(
+    trace: PipelineTrace,
+    class_names: Sequence[str] | None = None,
+    test_cfg: Any = None,
+    min_score: float = 0.3,
+) -> str:
+    """The numbers of :func:`labkit.viz.pipeline.plot_pipeline`'s figure as text, one stage per line.
+
+    Args:
+        trace: from :func:`trace_pipeline`.
+        class_names: names of the labels ``0 .. C-1`` (default: the label numbers).
+        test_cfg: the head's ``TestConfig`` (``score_thr``, ``nms_pre``, ``iou_threshold``,
+            ``max_per_img``); when given, the inference line states those settings.
+        min_score: the detections listed are those scoring at least this (the figure's 0.3).
+
+    Returns:
+        Lines: anchors and positives, the losses and their sum, the candidates before and the
+        detections after NMS, then one line per detection scoring ``>= min_score``: class,
+        score and ``[x1, y1, x2, y2]`` rounded to pixels, by descending score.
+    """
+    losses = " + ".join(f"{k.removeprefix('loss_')} {v:.3f}" for k, v in trace.losses.items())
+    lines = [
+        f"{len(trace.anchors)} anchors, {len(trace.positive_anchors)} positive; "
+        f"loss {losses} = {sum(trace.losses.values()):.3f}"
+    ]
+    before, after = len(trace.before_nms["boxes"]), len(trace.after_nms["boxes"])
+    if test_cfg is None:
+        lines.append(f"{before} boxes above the score threshold, {after} after NMS")
+    else:  # a "box" is an (anchor, class) pair: the threshold tests each class score
+        lines.append(
+            f"{before} boxes above the score threshold (class score > {test_cfg.score_thr:g}, at "
+            f"most {test_cfg.nms_pre} per level); NMS at IoU {test_cfg.iou_threshold:g} per class "
+            f"keeps {after} (at most {test_cfg.max_per_img})"
+        )
+    scores = trace.after_nms["scores"]
+    keep = (scores >= min_score).nonzero().squeeze(1)
+    keep = keep[scores[keep].argsort(descending=True)]
+    lines.append(f"{len(keep)} detections with score >= {min_score:g}:")
+    for i in keep.tolist():
+        label = int(trace.after_nms["labels"][i])
+        name = class_names[label] if class_names is not None else str(label)
+        box = [round(v) for v in trace.after_nms["boxes"][i].tolist()]
+        lines.append(f"  {name:>10s} {float(scores[i]):.2f}  {box}")
+    return "\n".join(lines)

@@ -38,8 +38,9 @@ def _axes(ax: Any, figsize: tuple[float, float] = (4.0, 4.0)) -> Any:
 def plot_base_anchors(generator: AnchorGenerator, level: int = 0, ax: Any = None) -> Any:
     """Draw the base anchors of one level around their common centre.
 
-    Colour follows the aspect ratio, line width the scale, so the ratio-major / scale-minor
-    order of ``generator.base_anchors[level]`` (``[A, 4]``) can be read off the legend.
+    Colour follows the aspect ratio, line width the scale (both in the legend), so the
+    ratio-major / scale-minor order of ``generator.base_anchors[level]`` (``[A, 4]``) can be
+    read off it. The axes are pixels relative to the anchors' common centre.
 
     Returns:
         The matplotlib ``Axes``.
@@ -53,6 +54,8 @@ def plot_base_anchors(generator: AnchorGenerator, level: int = 0, ax: Any = None
         draw_boxes(ax, [box], color=level_color(r), linewidth=0.8 + 0.8 * s)
         if s == len(scales) - 1:
             ax.plot([], [], color=level_color(r), label=f"ratio h/w = {ratios[r]:g}")
+    for s, scale in enumerate(scales):
+        ax.plot([], [], color="0.4", linewidth=0.8 + 0.8 * s, label=f"scale {scale:.2f}")
     lim = float(base.abs().max()) * 1.1
     ax.set_xlim(-lim, lim)
     ax.set_ylim(lim, -lim)  # image coordinates: y grows downwards
@@ -64,7 +67,10 @@ def plot_base_anchors(generator: AnchorGenerator, level: int = 0, ax: Any = None
         f"{len(base)} base anchors, stride {stride[0]}\nscales "
         + ", ".join(f"{s:.2f}" for s in scales)
     )
-    ax.legend(fontsize=7, loc="lower right")
+    ax.set_xlabel("x (pixels from the centre)")
+    ax.set_ylabel("y (pixels from the centre)")
+    # below the axes: inside, it would hide the widest anchors' edges
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     return ax
 
 
@@ -79,6 +85,8 @@ def plot_level_grids(
     ncols: int | None = None,
 ) -> tuple[Any, np.ndarray]:
     """One panel per level: the anchor centres (one dot per cell) and the anchors of one cell.
+
+    A legend under the panels says what the dots, the boxes and the white dot are.
 
     Args:
         img: the image the anchors are laid over (anything :func:`show_image` takes).
@@ -113,6 +121,20 @@ def plot_level_grids(
         ax.set_xlim(-margin * w_img, (1 + margin) * w_img)
         ax.set_ylim((1 + margin) * h_img, -margin * h_img)
         ax.set_title(f"stride {stride_w}: {fh}x{fw} cells\n{anchors.shape[0]} anchors")
+    from matplotlib.lines import Line2D
+
+    a = generator.num_base_anchors[0]
+    cell = (
+        "the cell at the image centre" if cell_xy is None else f"the cell holding ({cx:g}, {cy:g})"
+    )
+    handles = [
+        Line2D([], [], linestyle="", marker="o", color="0.4", markersize=4,
+               label="anchor centres, one per cell (colour: level)"),
+        Line2D([], [], color="0.4", linewidth=1.2, label=f"the {a} anchors of {cell}"),
+        Line2D([], [], linestyle="", marker="o", markerfacecolor="white", markeredgecolor="0.4",
+               markersize=5, label="their common centre"),
+    ]  # fmt: skip
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
     return fig, axes
 
 
@@ -182,11 +204,13 @@ def plot_anchor_centres_zoom(
     ax.set_xticks(xs[: num_cells + 1])
     ax.set_yticks(ys[: num_cells + 1])
     ax.tick_params(labelsize=7)
+    ax.set_xlabel("x (pixels)", fontsize=8)
+    ax.set_ylabel("y (pixels)", fontsize=8)
     ax.set_title(
         f"stride {stride_w}, zoom: cell (row {row}, col {col}) shaded,\n"
         f"its {a} anchors centred on its top-left corner", fontsize=9
     )  # fmt: skip
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, frameon=False)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
     return ax
 
 

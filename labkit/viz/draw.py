@@ -166,6 +166,9 @@ def draw_boxes(
         class_names: names indexed by label, used in captions.
         color: one colour for every box (anything matplotlib accepts).
 
+    Boxes with the same top-left corner (one box kept for two classes by per-class NMS) get
+    their captions stacked upwards, one line each, instead of printed over each other.
+
     Returns:
         The rectangles added, in box order.
     """
@@ -177,6 +180,7 @@ def draw_boxes(
         if v is not None and len(v) != n:
             raise ValueError(f"{name}: expected {n} values (one per box), got {len(v)}")
     rects = []
+    captions_at: dict[tuple[float, float], int] = {}  # corner -> captions already there
     for i, (x1, y1, x2, y2) in enumerate(arr):
         c = color if color is not None else class_color(lab[i] if lab is not None else 0)
         rect = patches.Rectangle(
@@ -198,15 +202,20 @@ def draw_boxes(
         if sc is not None:
             caption.append(f"{sc[i]:.2f}")
         if caption:
-            ax.text(
-                x1,
-                y1,
-                " ".join(caption),
-                fontsize=fontsize,
-                color="white",
-                va="bottom",
-                bbox={"facecolor": c, "alpha": 0.7 * alpha, "pad": 1, "edgecolor": "none"},
-            )
+            corner = (round(float(x1), 1), round(float(y1), 1))
+            below = captions_at.get(corner, 0)
+            captions_at[corner] = below + 1
+            style = {
+                "fontsize": fontsize,
+                "color": "white",
+                "va": "bottom",
+                "bbox": {"facecolor": c, "alpha": 0.7 * alpha, "pad": 1, "edgecolor": "none"},
+            }
+            if below == 0:
+                ax.text(x1, y1, " ".join(caption), **style)
+            else:  # one caption line (text + padding) up per caption already at this corner
+                ax.annotate(" ".join(caption), (x1, y1), xytext=(0, below * (fontsize + 3)),
+                            textcoords="offset points", annotation_clip=False, **style)  # fmt: skip
     return rects
 
 

@@ -97,7 +97,7 @@ def plot_pipeline(
           "magma")  # fmt: skip
     names = [f"P{3 + i}" for i in range(len(trace.objectness))]
     _maps(top[3], [o.numpy() for o in trace.objectness], names,
-          "head: best class probability per location\n(0 = blue, 1 = yellow)", "viridis",
+          "head: best class probability per location\n(0 = dark purple, 1 = yellow)", "viridis",
           vmin=0.0, vmax=1.0)  # fmt: skip
 
     # Training: which anchors are positive, and the losses they produce.
@@ -128,8 +128,9 @@ def plot_pipeline(
     for i, k in enumerate(keys):
         ax.text(trace.losses[k], i, f" {trace.losses[k]:.3f}", va="center", fontsize=8)
     ax.set_xlim(0, max(trace.losses.values()) * 1.35)
-    ax.set_title(f"loss {sum(trace.losses.values()):.3f}: classes on every anchor,\nboxes on the "
-                 "positives", fontsize=9)  # fmt: skip
+    ax.set_xlabel("loss on this image", fontsize=8)
+    ax.set_title(f"loss {sum(trace.losses.values()):.3f} = sum of the bars\n(cls on every anchor, "
+                 "the others on the positives)", fontsize=9)  # fmt: skip
     ax.spines[["top", "right"]].set_visible(False)
 
     # Inference: decode every kept prediction, then NMS.
