@@ -87,8 +87,10 @@ def plot_query_references(
     if (~real).any():
         draw_points(ax, coords[~real, :2], color=(0.8, 0.1, 0.1), size=60, marker="X")
     ax.set_xlim(-0.05, 1.05)
-    ax.set_ylim(1.05, -0.05)
+    ax.set_ylim(1.05, -0.05)  # image convention: y grows downwards
     ax.set_aspect("equal")
+    ax.set_xlabel("x / image width")
+    ax.set_ylabel("y / image height (downwards)")
     ax.set_title(title or f"{int(real.sum())} real + {int((~real).sum())} padded queries")
     return ax
 
