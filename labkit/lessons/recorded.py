@@ -171,6 +171,8 @@ LESSON_CLAIMS: tuple[LessonClaim, ...] = (
                 "FCOS with and without centerness are within noise on AP"),
     LessonClaim("03_fcos_centerness.ipynb", "fcos", "fcos_no_centerness", "AP75", WITHIN_NOISE,
                 "the difference is also within noise on AP75"),
+    LessonClaim("03_fcos_centerness.ipynb", "fcos_uniform_giou_bf16", "fcos_bf16", "AP",
+                WITHIN_NOISE, "the two weightings are within noise"),
     LessonClaim("06_codetr_auxiliary_queries.ipynb", "co_deformable_detr_atss", "deformable_detr",
                 "AP", ABOVE,
                 "Both Co-DETRs are above Deformable-DETR++ by more than the seed spread"),
