@@ -6,7 +6,6 @@ import torch
 from labkit.lessons.deform_analysis import (
     query_spread,
     sampling_statistics,
-    small_object_count,
     summarize_sampling,
 )
 
@@ -98,25 +97,6 @@ def test_query_spread_separates_a_shared_pattern_from_query_dependence():
     assert spread["same_largest"] == 0.5
     with pytest.raises(ValueError, match="stats"):
         query_spread({"weights": pattern, "offsets": torch.zeros(1, 1, 2, 2, 2)})
-
-
-def test_small_object_count_uses_cocos_area_rule():
-    class Boxes:
-        def __init__(self, *images):
-            self.images = images
-
-        def __len__(self):
-            return len(self.images)
-
-        def get_ann_info(self, i):
-            return {
-                "bboxes": torch.tensor(self.images[i], dtype=torch.float32).reshape(-1, 4).numpy()
-            }
-
-    # areas: 31 x 33 = 1023 (small), 32 x 32 = 1024 (not), 10 x 200 = 2000 (not), 4 x 4 (small)
-    data = Boxes([[0, 0, 31, 33], [5, 5, 37, 37]], [], [[0, 0, 10, 200], [1, 1, 5, 5]])
-    assert small_object_count(data) == (2, 4)
-    assert small_object_count(data, side=100) == (4, 4)
 
 
 def test_query_sampling_marker_area_grows_with_the_weight():

@@ -1,16 +1,15 @@
 """What notebook 04 measures on a Deformable-DETR: how a decoder layer's sampling points and
-attention weights sit, for a trained model against the same model at its initialisation, how
-much they vary from query to query, and how small the dataset's objects are."""
+attention weights sit, for a trained model against the same model at its initialisation, and how
+much they vary from query to query."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["query_spread", "sampling_statistics", "small_object_count", "summarize_sampling"]
+__all__ = ["query_spread", "sampling_statistics", "summarize_sampling"]
 
 
 @torch.no_grad()
@@ -105,18 +104,3 @@ def query_spread(stats: dict[str, Tensor]) -> dict[str, float]:
         "same_largest": float((largest == mode).float().mean()),
         "largest_index": mode,
     }
-
-
-def small_object_count(dataset: Any, side: float = 32.0) -> tuple[int, int]:
-    """``(small, total)``: how many of ``dataset``'s ground-truth boxes are smaller than ``side``
-    squared in area (COCO's "small" for ``side = 32``), in the annotation's (original image)
-    pixels, and how many boxes there are. ``dataset`` needs ``len`` and ``get_ann_info(i)``
-    returning ``bboxes`` [K, 4] ``(x1, y1, x2, y2)`` (e.g. :class:`labkit.data.coco.CocoDetection`);
-    crowd boxes are not counted."""
-    small = total = 0
-    for i in range(len(dataset)):
-        boxes = torch.as_tensor(dataset.get_ann_info(i)["bboxes"], dtype=torch.float64)
-        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])  # [K]
-        small += int((area < side**2).sum())
-        total += len(boxes)
-    return small, total
